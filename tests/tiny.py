@@ -96,3 +96,98 @@ def save_tiny_blip2(path, seed: int = 0) -> tuple[Blip2ForConditionalGeneration,
     tokenizer.save_pretrained(path)
     tiny_image_processor().save_pretrained(path)
     return model, tokenizer
+
+
+def tiny_vision(kind: str = "blip2", seed: int = 0):
+    """A tiny vision tower of the given family and an image processor for it."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    if kind == "blip2":
+        model = T.Blip2VisionModel(T.Blip2VisionConfig(**common, image_size=30, patch_size=6))
+    elif kind == "clip":
+        model = T.CLIPVisionModel(T.CLIPVisionConfig(**common, image_size=30, patch_size=6))
+    elif kind == "siglip":
+        model = T.SiglipVisionModel(T.SiglipVisionConfig(**common, image_size=30, patch_size=6))
+    elif kind == "dinov2":
+        model = T.Dinov2Model(T.Dinov2Config(**common, image_size=30, patch_size=6))
+    else:
+        raise ValueError(kind)
+    return model.eval(), tiny_image_processor()
+
+
+def tiny_llm(kind: str, tokenizer, seed: int = 0):
+    import transformers as T
+
+    torch.manual_seed(seed)
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if kind == "llama":
+        cfg = T.LlamaConfig(hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=128, **ids)
+        model = T.LlamaForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = T.Qwen2Config(hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=128, **ids)
+        model = T.Qwen2ForCausalLM(cfg)
+    elif kind == "opt":
+        cfg = T.OPTConfig(hidden_size=48, ffn_dim=37, num_hidden_layers=2, num_attention_heads=4,
+                          word_embed_proj_dim=48, max_position_embeddings=128, **ids)
+        model = T.OPTForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)
+    return model.eval()
+
+
+def tiny_bridge(vision_kind="blip2", llm_kind="llama", num_loc_bins=0, num_quality_levels=0, seed=0, with_text=True):
+    """(bridge, tokenizer, image_processor) from tiny random components."""
+    from qformer.bridge import Bridge
+    from qformer.config import BridgeConfig, QFormerConfig
+
+    tokenizer = tiny_tokenizer()
+    base_vocab = len(tokenizer)
+    if num_loc_bins:
+        tokenizer.add_tokens([f"<loc_{i}>" for i in range(num_loc_bins)])
+    vision, processor = tiny_vision(vision_kind, seed)
+    llm = tiny_llm(llm_kind, tokenizer if not num_loc_bins else _Sized(base_vocab, tokenizer), seed)
+    cfg = BridgeConfig(
+        qformer=QFormerConfig(hidden_size=36, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
+                              encoder_hidden_size=32, num_query_tokens=5, with_text=with_text, vocab_size=len(tokenizer)),
+        vision_hidden_size=32,
+        llm_hidden_size=48,
+        num_quality_levels=num_quality_levels,
+        quality_prompt_len=3,
+        quality_names=tuple(f"q{i}" for i in range(num_quality_levels)),
+        num_loc_bins=num_loc_bins,
+        base_vocab_size=base_vocab,
+    )
+    torch.manual_seed(seed + 1)
+    bridge = Bridge(cfg, vision, llm).eval()
+    with torch.no_grad():
+        bridge.qformer.query_tokens.normal_(0, 1.0)
+        if bridge.quality_prompts is not None:
+            bridge.quality_prompts.normal_(0, 1.0)
+        if num_loc_bins:
+            bridge.loc_embeddings.normal_(0, 1.0)
+            bridge.loc_head.normal_(0, 3.0)
+    return bridge, tokenizer, processor
+
+
+class _Sized:
+    """Tokenizer stand-in reporting the vocabulary before location tokens were added."""
+
+    def __init__(self, n, tokenizer):
+        self.n, self.t = n, tokenizer
+
+    def __len__(self):
+        return self.n
+
+    def __getattr__(self, name):
+        return getattr(self.t, name)

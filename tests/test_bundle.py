@@ -1,0 +1,110 @@
+"""Bundles: round trip, strict loading, no pickle, referenced components with a content hash."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qformer.bundle import BundleError, load_bundle, save_bundle, weights_sha256
+from qformer.config import ComponentRef
+from qformer.generation import GenerationConfig, generate
+from tests.tiny import scene, tiny_bridge
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    bridge, tok, proc = tiny_bridge(num_loc_bins=8, num_quality_levels=3)
+    path = save_bundle(bridge, tok, proc, tmp_path_factory.mktemp("b") / "bundle")
+    return bridge, tok, proc, path
+
+
+def run(bridge, tok, proc):
+    f = bridge.encode_images(proc(images=[scene(0), scene(1)], return_tensors="pt").pixel_values)
+    return [g.token_ids for g in generate(bridge, tok, f, ["a photo of", ""], [2, 1], GenerationConfig(max_new_tokens=8))]
+
+
+def test_round_trip_gives_the_same_generation(saved):
+    bridge, tok, proc, path = saved
+    loaded = load_bundle(path)
+    assert run(loaded.bridge, loaded.tokenizer, loaded.image_processor) == run(bridge, tok, proc)
+    assert len(loaded.tokenizer) == len(tok)
+    assert loaded.config == bridge.cfg.replace(vision=loaded.config.vision, llm=loaded.config.llm)
+
+
+def _copy(path, tmp_path):
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(path, dst)
+    return dst
+
+
+@pytest.mark.parametrize("change", ["missing", "extra", "shape"])
+def test_strict_load_rejects_mismatched_weights(saved, tmp_path, change):
+    path = _copy(saved[3], tmp_path)
+    state = load_file(path / "model.safetensors")
+    if change == "missing":
+        del state["language_projection.bias"]
+    elif change == "extra":
+        state["surprise.weight"] = torch.zeros(2)
+    else:
+        state["quality_prompts"] = torch.zeros(4, 3, 48)
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(BundleError) as err:
+        load_bundle(path)
+    expected = {"missing": "language_projection.bias", "extra": "surprise.weight", "shape": "quality_prompts"}[change]
+    assert expected in str(err.value)
+
+
+def test_pickle_is_refused_and_never_opened(saved, tmp_path, monkeypatch):
+    path = _copy(saved[3], tmp_path)
+    (path / "model.safetensors").rename(path / "pytorch_model.bin")
+    opened = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: opened.append(a))
+    with pytest.raises(BundleError, match="pickle"):
+        load_bundle(path)
+    assert not opened
+
+
+def test_referenced_component_hash_is_checked(saved, tmp_path):
+    path = _copy(saved[3], tmp_path)
+    llm_dir = tmp_path / "llm-elsewhere"
+    (path / "llm").rename(llm_dir)
+    meta = json.loads((path / "qbridge.json").read_text())
+    meta["config"]["llm"] = {"source": "reference", "path": str(llm_dir), "sha256": weights_sha256(llm_dir)}
+    (path / "qbridge.json").write_text(json.dumps(meta))
+    load_bundle(path)  # the hash matches
+    meta["config"]["llm"]["sha256"] = "0" * 64
+    (path / "qbridge.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(path)
+
+
+def test_save_with_a_reference(saved, tmp_path):
+    bridge, tok, proc, path = saved
+    ref = ComponentRef("reference", str(path / "vision"), weights_sha256(path / "vision"))
+    out = save_bundle(bridge, tok, proc, tmp_path / "ref", vision_ref=ref)
+    assert not (out / "vision").exists()
+    assert run(*_parts(load_bundle(out))) == run(bridge, tok, proc)
+
+
+def _parts(b):
+    return b.bridge, b.tokenizer, b.image_processor
+
+
+def test_cli_caption_and_help(saved, tmp_path):
+    bridge, tok, proc, path = saved
+    image = tmp_path / "x.png"
+    scene(0).save(image)
+    out = subprocess.run([sys.executable, "-m", "qformer.cli", "caption", "--model", str(path), str(image),
+                          "--max-new-tokens", "8", "--quality", "q2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    f = bridge.encode_images(proc(images=[scene(0)], return_tensors="pt").pixel_values)
+    (want,) = generate(bridge, tok, f, [""], [2], GenerationConfig(max_new_tokens=8))
+    assert out.stdout.strip() == want.text
+    listing = subprocess.run([sys.executable, "-m", "qformer.cli", "--help"], capture_output=True, text=True, timeout=300)
+    for name in ("caption", "convert", "export-hf"):
+        assert name in listing.stdout
