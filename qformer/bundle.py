@@ -4,6 +4,7 @@
       qbridge.json          {"format_version", "config": BridgeConfig, ...}
       model.safetensors     trainable parts only (Q-Former, ln_vision, projection, quality prompts, loc rows)
       tokenizer/            the LLM tokenizer, location tokens included
+      qformer_tokenizer/    the Q-Former's text tokenizer (bundles with the stage-1 text branch only)
       image_processor/      the vision encoder's preprocessing
       vision/, llm/         frozen components when embedded (transformers format, safetensors)
 
@@ -43,6 +44,7 @@ class Bundle:
     tokenizer: object
     image_processor: object
     path: Path
+    qformer_tokenizer: object | None = None
 
     @property
     def config(self) -> BridgeConfig:
@@ -96,6 +98,7 @@ def save_bundle(
     out_dir: str | os.PathLike,
     vision_ref: ComponentRef | None = None,
     llm_ref: ComponentRef | None = None,
+    qformer_tokenizer=None,
 ) -> Path:
     """Write a bundle atomically (a temporary directory renamed into place).
 
@@ -116,6 +119,8 @@ def save_bundle(
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "qbridge_format": str(FORMAT_VERSION)})
         tokenizer.save_pretrained(tmp / "tokenizer")
         image_processor.save_pretrained(tmp / "image_processor")
+        if qformer_tokenizer is not None:
+            qformer_tokenizer.save_pretrained(tmp / "qformer_tokenizer")
         meta = {"format_version": FORMAT_VERSION, "config": cfg.to_dict()}
         (tmp / "qbridge.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if out.exists():
@@ -187,9 +192,12 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     load_trainable(bridge, load_file(weights))
     tokenizer = AutoTokenizer.from_pretrained(bundle_dir / "tokenizer")
     image_processor = AutoImageProcessor.from_pretrained(bundle_dir / "image_processor")
+    qformer_tokenizer = None
+    if (bundle_dir / "qformer_tokenizer").is_dir():
+        qformer_tokenizer = AutoTokenizer.from_pretrained(bundle_dir / "qformer_tokenizer")
     if cfg.llm_quantization is None:
         bridge.to(device)
-    return Bundle(bridge.eval(), tokenizer, image_processor, bundle_dir)
+    return Bundle(bridge.eval(), tokenizer, image_processor, bundle_dir, qformer_tokenizer)
 
 
 def load_trainable(bridge: Bridge, state: dict[str, torch.Tensor]) -> None:
