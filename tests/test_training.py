@@ -1,0 +1,114 @@
+"""Smoke runs of both stages on tiny components: losses fall, resume is exact, checkpoints are atomic."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny import tiny_image_processor, tiny_llm, tiny_tokenizer, tiny_vision
+from training.config import CONFIG_DIR, load_config
+from training.shapes import write_dataset
+from training.train import train
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_dataset(root / "data", n=24, seed=0, noise=0.3, n_val=2, n_test=2, n_heldout=2, size=(64, 64),
+                  progress=False)
+    vision, proc = tiny_vision("blip2")
+    vision.save_pretrained(root / "vision")
+    proc.save_pretrained(root / "vision")
+    tok = tiny_tokenizer()
+    tiny_llm("llama", tok).save_pretrained(root / "llm")
+    tok.save_pretrained(root / "llm")
+    return root
+
+
+def overrides(world, out, **more):
+    base = {"model.vision": str(world / "vision"), "model.llm": str(world / "llm"), "data.root": str(world / "data"),
+            "run.out_dir": str(out)}
+    base.update(more)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def losses(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_stage1_loss_falls_and_resume_is_exact(world, tmp_path):
+    cfg = load_config(CONFIG_DIR / "tiny_stage1.json", overrides(world, tmp_path / "full"))
+    train(cfg, progress=False)
+    full = losses(tmp_path / "full")
+    first, last = full[0], full[-1]
+    total = lambda r: r["itc_loss"] + r["itm_loss"] + r["itg_loss"]  # noqa: E731
+    assert total(last) < total(first)
+    assert (tmp_path / "full" / "final" / "stage1.safetensors").is_file()
+
+    cfg2 = load_config(CONFIG_DIR / "tiny_stage1.json", overrides(world, tmp_path / "resumed"))
+    train(cfg2, stop_after=10, progress=False)  # "killed" after the step-10 checkpoint
+    train(cfg2, progress=False)
+    resumed = losses(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [r["step"] for r in full]
+    for a, b in zip(full, resumed):
+        for k in ("itc_loss", "itm_loss", "itg_loss"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (a["step"], k)
+
+
+def test_quality_then_stage2_writes_a_bundle(world, tmp_path):
+    from training.quality import score_and_bin
+
+    s1 = load_config(CONFIG_DIR / "tiny_stage1.json", overrides(world, tmp_path / "s1", **{"run.steps": 10}))
+    train(s1, progress=False)
+    out = score_and_bin(s1, str(tmp_path / "s1"), levels=2, out=str(tmp_path / "q.json"))
+    data = json.loads(out.read_text())
+    assert {a["quality"] for a in data["annotations"]} == {0, 1}
+    import shutil
+
+    shutil.copy(out, world / "data" / "captions_train_quality.json")
+    cfg = load_config(CONFIG_DIR / "tiny_stage2.json",
+                      overrides(world, tmp_path / "s2", **{"model.init_from": str(tmp_path / "s1"), "run.steps": 40}))
+    train(cfg, progress=False)
+    log = losses(tmp_path / "s2")
+    for task in ("caption", "vqa", "detect"):
+        series = [r[f"{task}_lm_loss"] for r in log if f"{task}_lm_loss" in r]
+        assert series, task
+    from qformer.bundle import load_bundle
+
+    bundle = load_bundle(tmp_path / "s2" / "bundle")
+    assert bundle.config.num_loc_bins == 16 and bundle.qformer_tokenizer is not None
+    # Frozen parts did not move; the text FFN of the Q-Former stayed as stage 1 left it.
+    from safetensors.torch import load_file
+
+    s1_state = load_file(tmp_path / "s1" / "final" / "stage1.safetensors")
+    k = "qformer.encoder.layer.0.intermediate.dense.weight"
+    assert torch.equal(bundle.bridge.trainable_state_dict()[k], s1_state[k])
+    k = "qformer.encoder.layer.0.intermediate_query.dense.weight"
+    assert not torch.equal(bundle.bridge.trainable_state_dict()[k], s1_state[k])
+
+
+def test_interrupted_checkpoint_leaves_the_previous_one(world, tmp_path, monkeypatch):
+    from training import checkpoint
+
+    cfg = load_config(CONFIG_DIR / "tiny_stage1.json", overrides(world, tmp_path / "run", **{"run.steps": 20}))
+    real = checkpoint.save_file
+    calls = {"n": 0}
+
+    def flaky(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second checkpoint's first file: die half-way
+            Path(path).write_bytes(b"partial")
+            raise KeyboardInterrupt("killed mid-write")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "save_file", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    latest = checkpoint.latest_checkpoint(tmp_path / "run")
+    assert latest is not None and latest.name == "step-0000010"
+    state, meta = checkpoint.load_checkpoint(latest)
+    assert meta["step"] == 10 and state
+    monkeypatch.setattr(checkpoint, "save_file", real)
+    train(cfg, progress=False)  # resumes from step 10 and finishes
+    assert checkpoint.latest_checkpoint(tmp_path / "run").name == "step-0000020"

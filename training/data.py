@@ -1,0 +1,165 @@
+"""Training examples from the standard formats, deterministic batches, and the frozen-feature cache.
+
+Batches are a pure function of (seed, step, rank): a resumed run draws exactly the batches an
+uninterrupted run would have drawn, without replaying the data stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from qformer.boxes import BoxCodec, Detection
+from qformer.prompts import caption_prompt, detect_prompt, vqa_prompt
+from training.config import DataSection
+from training.datasets import load_rgb
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    image_id: int
+    path: str
+    prompt: str  # task prompt (stage 2) or "" (stage 1)
+    target: str  # caption / answer / detection sequence (stage 2), caption (stage 1)
+    quality: int | None = None  # caption quality level (stage 2)
+    objects: tuple = ()  # detection: ((label, (x1, y1, x2, y2)), ...) in pixels
+    size: tuple = (0, 0)  # (width, height) of the original image
+
+
+def _read(path: Path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _fmt(template: str, split: str) -> str:
+    return template.format(split=split)
+
+
+def caption_examples(data: DataSection, root: Path | None = None) -> list[Example]:
+    root = Path(root or data.root)
+    d = _read(root / _fmt(data.captions, data.split))
+    files = {im["id"]: im["file_name"] for im in d["images"]}
+    image_root = root / _fmt(data.images, data.split)
+    return [
+        Example(a["image_id"], str(image_root / files[a["image_id"]]), caption_prompt(), a["caption"], a.get("quality"))
+        for a in d["annotations"]
+        if a["image_id"] in files
+    ]
+
+
+def vqa_examples(data: DataSection) -> list[Example]:
+    root = Path(data.root)
+    files = {im["id"]: im["file_name"] for im in _read(root / _fmt(data.captions, data.split))["images"]}
+    answers = {a["question_id"]: a["multiple_choice_answer"] for a in _read(root / _fmt(data.answers, data.split))["annotations"]}
+    image_root = root / _fmt(data.images, data.split)
+    return [
+        Example(q["image_id"], str(image_root / files[q["image_id"]]), vqa_prompt(q["question"]), answers[q["question_id"]])
+        for q in _read(root / _fmt(data.questions, data.split))["questions"]
+        if q["image_id"] in files and q["question_id"] in answers
+    ]
+
+
+def detection_examples(data: DataSection) -> list[Example]:
+    root = Path(data.root)
+    d = _read(root / _fmt(data.instances, data.split))
+    names = {c["id"]: c["name"] for c in d["categories"]}
+    objects: dict[int, list] = {im["id"]: [] for im in d["images"]}
+    for a in d["annotations"]:
+        if not a.get("iscrowd", 0) and a["image_id"] in objects:
+            x, y, w, h = a["bbox"]
+            objects[a["image_id"]].append((names[a["category_id"]], (x, y, x + w, y + h)))
+    image_root = root / _fmt(data.images, data.split)
+    return [
+        Example(im["id"], str(image_root / im["file_name"]), detect_prompt(), "", None, tuple(objects[im["id"]]),
+                (im["width"], im["height"]))
+        for im in d["images"]
+    ]
+
+
+def detection_target(example: Example, codec: BoxCodec, rng: random.Random) -> str:
+    """Objects in a random order each time (Pix2Seq: random order trains best)."""
+    objs = list(example.objects)
+    rng.shuffle(objs)
+    w, h = example.size
+    return codec.encode([Detection(label, box) for label, box in objs], w, h)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int, rank: int, world_size: int, stream: str = "") -> list[int]:
+    """Distinct indices for this rank's share of a global batch; a pure function of its arguments."""
+    rng = random.Random(f"{seed}/{stream}/{step}")
+    total = batch_size * world_size
+    picks = rng.sample(range(n), total) if total <= n else [rng.randrange(n) for _ in range(total)]
+    return picks[rank * batch_size : (rank + 1) * batch_size]
+
+
+class VisionFeatures:
+    """Frozen vision features by image: from an on-disk cache, or encoded on the fly.
+
+    Unreadable images are skipped and counted (`skipped`), never a crash.
+    """
+
+    def __init__(self, encode, image_processor, cache: dict[int, torch.Tensor] | None = None):
+        self.encode = encode  # pixel_values -> (B, N, D) features
+        self.image_processor = image_processor
+        self.cache = cache
+        self.skipped: set[str] = set()
+
+    def __call__(self, examples: list[Example]) -> tuple[torch.Tensor | None, list[Example]]:
+        """-> features (B', N, D) for the examples that could be read, and those examples."""
+        if self.cache is not None:
+            kept = [e for e in examples if e.image_id in self.cache]
+            if not kept:
+                return None, []
+            return torch.stack([self.cache[e.image_id] for e in kept]).float(), kept
+        images, kept = [], []
+        for e in examples:
+            if e.path in self.skipped:
+                continue
+            try:
+                images.append(load_rgb(e.path))
+                kept.append(e)
+            except (OSError, ValueError, SyntaxError) as exc:
+                self.skipped.add(e.path)
+                logger.warning("skipping unreadable image %s (%s)", e.path, type(exc).__name__)
+        if not images:
+            return None, []
+        pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
+        return self.encode(pixels).float(), kept
+
+
+def build_feature_cache(
+    examples: list[Example], encode, image_processor, out_dir: str | Path, batch_size: int = 32, fingerprint: str = ""
+) -> dict[int, torch.Tensor]:
+    """Encode every distinct image once and store the features (fp16) in OUT/features.safetensors.
+
+    An existing cache with the same fingerprint (vision weights + data) is reused.
+    """
+    out = Path(out_dir)
+    meta_file, weights = out / "meta.json", out / "features.safetensors"
+    if meta_file.is_file() and weights.is_file() and json.loads(meta_file.read_text()).get("fingerprint") == fingerprint:
+        return {int(k): v for k, v in load_file(weights).items()}
+    paths = {}
+    for e in examples:
+        paths.setdefault(e.image_id, e.path)
+    source = VisionFeatures(encode, image_processor)
+    ids = sorted(paths)
+    feats: dict[str, torch.Tensor] = {}
+    for i in tqdm(range(0, len(ids), batch_size), desc="caching vision features", unit="batch"):
+        chunk = [Example(j, paths[j], "", "") for j in ids[i : i + batch_size]]
+        with torch.no_grad():
+            f, kept = source(chunk)
+        for e, row in zip(kept, f if f is not None else []):
+            feats[str(e.image_id)] = row.to(torch.float16).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(feats, weights)
+    meta_file.write_text(json.dumps({"fingerprint": fingerprint, "images": len(feats), "skipped": len(source.skipped)}))
+    return {int(k): v for k, v in feats.items()}

@@ -1,0 +1,487 @@
+"""BLIP-2 two-stage training on accelerate: one process or many (`accelerate launch`, multi-node).
+
+    qbridge train stage1 --config training/configs/tiny_stage1.json [section.field=value ...]
+    qbridge train quality --stage1 runs/tiny-stage1 --data DIR --levels 4
+    qbridge train stage2 --config training/configs/tiny_stage2.json [section.field=value ...]
+    accelerate launch --num_processes 2 -m training.train stage1 --config ...
+
+Stage 1 trains ln_vision + the Q-Former with ITC + ITM + ITG against the frozen vision tower.
+Stage 2 trains ln_vision + the Q-Former's query path + the projection + quality prompts + location rows
+with the frozen LLM's LM loss on captions (at their quality level), VQA and detection sequences.
+Batches, dropout and ITM negatives are seeded by (seed, step, rank), so resuming is exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qformer.boxes import BoxCodec
+from qformer.bridge import Bridge, load_llm, load_vision_encoder
+from qformer.bundle import save_bundle, weights_sha256
+from qformer.config import BridgeConfig, ComponentRef, QFormerConfig
+from qformer.qformer import AttentionMode
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.config import TrainConfig, load_config
+from training.data import (
+    Example,
+    VisionFeatures,
+    batch_indices,
+    build_feature_cache,
+    caption_examples,
+    detection_examples,
+    detection_target,
+    vqa_examples,
+)
+from training.losses import gather_with_grad, itc_loss, itg_loss, itm_loss, lm_labels, lm_loss, sample_hard_negatives
+
+DEC_TOKEN = "[DEC]"
+
+
+@dataclass
+class Parts:
+    bridge: Bridge
+    tokenizer: object | None  # LLM tokenizer (stage 2)
+    qformer_tokenizer: object
+    image_processor: object
+
+
+def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    m = cfg.model
+    vision = load_vision_encoder(m.vision)
+    image_processor = AutoImageProcessor.from_pretrained(m.vision)
+    llm = load_llm(m.llm) if with_llm else None
+    tokenizer = AutoTokenizer.from_pretrained(m.llm) if m.llm else None
+    qtok = AutoTokenizer.from_pretrained(m.qformer_tokenizer or m.llm)
+    if DEC_TOKEN not in qtok.get_vocab():
+        qtok.add_special_tokens({"additional_special_tokens": [DEC_TOKEN]}, replace_extra_special_tokens=False)
+    if qtok.pad_token is None:
+        qtok.pad_token = qtok.eos_token
+    base_vocab = 0
+    if llm is not None:
+        base_vocab = llm.get_input_embeddings().num_embeddings
+        if m.num_loc_bins:
+            if len(tokenizer) != base_vocab:
+                raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the LLM {base_vocab}; location ids would clash")
+            tokenizer.add_tokens(BoxCodec(m.num_loc_bins).tokens())
+    llm_hidden = AutoConfig.from_pretrained(m.llm).get_text_config().hidden_size if m.llm else 0
+    qcfg = QFormerConfig(
+        **{**m.qformer, "encoder_hidden_size": vision.config.hidden_size, "vocab_size": len(qtok),
+           "pad_token_id": qtok.pad_token_id}
+    )
+    bcfg = BridgeConfig(
+        qformer=qcfg,
+        vision_hidden_size=vision.config.hidden_size,
+        llm_hidden_size=llm_hidden or qcfg.hidden_size,
+        num_quality_levels=m.num_quality_levels,
+        quality_prompt_len=m.quality_prompt_len,
+        quality_names=tuple(m.quality_names),
+        num_loc_bins=m.num_loc_bins if llm is not None else 0,
+        base_vocab_size=base_vocab,
+    )
+    return Parts(Bridge(bcfg, vision, llm), tokenizer, qtok, image_processor)
+
+
+class Stage1(nn.Module):
+    """ITC + ITM + ITG over ln_vision and the Q-Former (LAVIS `Blip2Qformer.forward`, without process-group calls)."""
+
+    def __init__(self, bridge: Bridge, dec_token_id: int, itc_smoothing: float, itg_smoothing: float):
+        super().__init__()
+        self.ln_vision, self.qformer = bridge.ln_vision, bridge.qformer
+        self.dec_token_id = dec_token_id
+        self.itc_smoothing, self.itg_smoothing = itc_smoothing, itg_smoothing
+
+    def forward(self, feats, ids, mask, generator: torch.Generator, rank: int = 0, world_size: int = 1):
+        qf = self.qformer
+        image = self.ln_vision(feats)
+        query = qf(AttentionMode.QUERIES, image_embeds=image).query_output
+        text = qf(AttentionMode.TEXT, input_ids=ids, attention_mask=mask).text_output
+        # No clamp in LAVIS; a floor keeps 1/temp finite if a run drives it towards zero.
+        temp = qf.temp.clamp(min=1e-3, max=0.5)
+        itc = itc_loss(qf.image_features(query), qf.text_features(text), temp, rank, world_size, self.itc_smoothing)
+
+        all_image = gather_with_grad(image, rank, world_size)
+        all_ids, all_mask = _gather_no_grad(ids, rank, world_size), _gather_no_grad(mask, rank, world_size)
+        neg_image, neg_text = sample_hard_negatives(itc["sim_i2t"], itc["sim_t2i"], generator, rank)
+        pair_images = torch.cat([image, all_image[neg_image], image])
+        pair_ids = torch.cat([ids, ids, all_ids[neg_text]])
+        pair_mask = torch.cat([mask, mask, all_mask[neg_text]])
+        joint = qf(AttentionMode.BIDIRECTIONAL, image_embeds=pair_images, input_ids=pair_ids, attention_mask=pair_mask)
+        itm = itm_loss(qf.itm_logits(joint.query_output))
+
+        dec_ids = ids.clone()
+        dec_ids[:, 0] = self.dec_token_id  # [DEC] replaces [CLS]/BOS for the decoder
+        causal = qf(AttentionMode.CAUSAL, image_embeds=image, input_ids=dec_ids, attention_mask=mask)
+        itg = itg_loss(qf.lm_logits(causal.text_output), dec_ids, mask, self.itg_smoothing)
+        return {"itc_loss": itc["itc_loss"], "itm_loss": itm["itm_loss"], "itg_loss": itg["itg_loss"], "temp": temp.detach()}
+
+
+def _gather_no_grad(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    if world_size == 1:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class Stage2(nn.Module):
+    """The frozen LLM's LM loss through the bridge, masked on prompt and padding."""
+
+    def __init__(self, bridge: Bridge):
+        super().__init__()
+        self.bridge = bridge
+
+    def forward(self, feats, ids, mask, labels, quality=None):
+        return lm_loss(self.bridge(feats, ids, mask, quality).logits, labels)
+
+
+STAGE1_TRAINABLE = ["ln_vision", "qformer"]
+# BLIP-2 stage 2 drops the text branch; here it stays (for retrieval and quality scoring) but frozen.
+STAGE2_TRAINABLE = ["ln_vision", "qformer.query_tokens", "qformer.layernorm", "qformer.encoder",
+                    "language_projection", "quality_prompts", "loc_embeddings", "loc_head"]
+
+
+# The Q-Former's text FFN; the query path's `.attention.output.` / `.crossattention.output.` are not in it.
+TEXT_FFN = re.compile(r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
+
+
+def freeze_all_but(bridge: Bridge, prefixes: list[str]) -> list[tuple[str, nn.Parameter]]:
+    """Declarative freezing: parameters whose names start with a prefix train; the rest do not.
+
+    Naming `qformer.encoder` (rather than `qformer`) means the query path only: the text FFN stays frozen.
+    """
+    chosen = []
+    for name, p in bridge.named_parameters():
+        train = name.startswith(tuple(prefixes)) and not name.startswith(("vision.", "llm."))
+        if train and "qformer" not in prefixes and TEXT_FFN.match(name):
+            train = False
+        p.requires_grad_(train)
+        if train:
+            chosen.append((name, p))
+    return chosen
+
+
+def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> list[dict]:
+    """No weight decay on biases, norms, embeddings-like tensors; the location rows may get their own lr."""
+    decay, no_decay, loc = [], [], []
+    for name, p in named:
+        if name in ("loc_embeddings", "loc_head"):
+            loc.append(p)
+        elif p.ndim <= 1 or name.endswith(".bias") or name in ("qformer.query_tokens", "quality_prompts"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    lr = cfg.optim.lr
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay, "lr": lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    if loc:
+        groups.append({"params": loc, "weight_decay": 0.0, "lr": lr * cfg.optim.loc_lr_scale})
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(cfg: TrainConfig):
+    warm, total, floor = cfg.optim.warmup_steps, cfg.run.steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def tokenize_stage2(tokenizer, examples: list[Example], max_tokens: int, targets: list[str]):
+    """Right-padded `BOS prompt target EOS` rows and labels that score only `target EOS`."""
+    rows, prompt_lens = [], []
+    for e, target in zip(examples, targets):
+        prompt = tokenizer(e.prompt).input_ids
+        answer = tokenizer(" " + target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append((prompt + answer)[:max_tokens])
+        prompt_lens.append(len(prompt))
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask, lm_labels(ids, mask, torch.tensor(prompt_lens))
+
+
+def _seed(cfg: TrainConfig, step: int, rank: int) -> int:
+    return (cfg.run.seed * 1_000_003 + step) * 131 + rank
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return setting
+
+
+class Logger:
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        if enabled:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(out_dir / "log.jsonl", "a", encoding="utf-8")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.tb = None
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True) -> Path:
+    """Run a stage; returns the output directory. `stop_after` ends the run early (to test resuming)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if cfg.stage not in ("stage1", "stage2"):
+        raise ValueError(f"stage must be stage1 or stage2, not {cfg.stage!r}")
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(cfg.run.mixed_precision),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    out = Path(cfg.run.out_dir)
+    stage2 = cfg.stage == "stage2"
+    torch.manual_seed(cfg.run.seed)
+    parts = build_parts(cfg, with_llm=stage2)
+    bridge = parts.bridge
+    if stage2 and cfg.model.init_from:
+        init, _ = load_stage1(cfg.model.init_from)
+        missing = [k for k in bridge.trainable_state_dict() if k.startswith(("ln_vision", "qformer")) and k not in init]
+        if missing:
+            raise ValueError(f"{cfg.model.init_from} lacks {missing[:5]}: not a stage-1 run of this architecture")
+        with torch.no_grad():
+            for k, v in bridge.state_dict(keep_vars=True).items():
+                if k in init and k.startswith(("ln_vision", "qformer")):
+                    v.copy_(init[k])
+    named = freeze_all_but(bridge, STAGE2_TRAINABLE if stage2 else STAGE1_TRAINABLE)
+    n_train = sum(p.numel() for _, p in named)
+    if accelerator.is_main_process:
+        print(f"[{cfg.stage}] trainable parameters: {n_train:,} of {sum(p.numel() for p in bridge.parameters()):,}")
+    module = Stage2(bridge) if stage2 else Stage1(
+        bridge, parts.qformer_tokenizer.convert_tokens_to_ids(DEC_TOKEN), cfg.run.itc_label_smoothing,
+        cfg.run.itg_label_smoothing,
+    )
+    optimizer = torch.optim.AdamW(param_groups(named, cfg), betas=tuple(cfg.optim.betas))
+    start = 0
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        state, meta = load_checkpoint(ckpt, optimizer)
+        with torch.no_grad():
+            for k, v in bridge.state_dict(keep_vars=True).items():
+                if k in state:
+                    v.copy_(state[k])
+        start = meta["step"]
+        if accelerator.is_main_process:
+            print(f"[{cfg.stage}] resuming from {ckpt} at step {start}")
+    # With last_epoch = start - 1 the scheduler picks up at `start` from the saved `initial_lr`s.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg), last_epoch=start - 1)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    bridge.to(accelerator.device)
+
+    tasks = _examples(cfg, stage2)
+    features = _feature_source(cfg, parts, tasks, accelerator)
+    codec = BoxCodec(bridge.cfg.num_loc_bins) if bridge.cfg.num_loc_bins else None
+    names, weights = zip(*[(t, cfg.data.tasks.get(t, 1.0)) for t in tasks]) if stage2 else (("caption",), (1.0,))
+    logger = Logger(out, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    bar = tqdm(total=cfg.run.steps, initial=start, desc=cfg.stage, disable=not (progress and accelerator.is_main_process),
+               dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    end = min(cfg.run.steps, stop_after) if stop_after else cfg.run.steps
+    step = start
+    for step in range(start, end):
+        module.train()
+        totals: dict[str, float] = {}
+        for micro in range(cfg.run.grad_accum):
+            seed = _seed(cfg, step * cfg.run.grad_accum + micro, rank)
+            torch.manual_seed(seed)
+            rng = random.Random(seed)
+            task = rng.choices(names, weights)[0] if stage2 else "caption"
+            pool = tasks[task]
+            idx = batch_indices(len(pool), cfg.run.batch_size, cfg.run.seed, step * cfg.run.grad_accum + micro,
+                                rank, world, stream=task)
+            feats, batch = features([pool[i] for i in idx])
+            if feats is None:
+                continue
+            feats = feats.to(accelerator.device)
+            ctx = accelerator.no_sync(module) if micro < cfg.run.grad_accum - 1 else _null()
+            with ctx, accelerator.autocast():
+                if stage2:
+                    targets = [detection_target(e, codec, rng) if task == "detect" else e.target for e in batch]
+                    ids, mask, labels = tokenize_stage2(parts.tokenizer, batch, cfg.data.max_text_tokens, targets)
+                    quality = None
+                    if task == "caption" and bridge.cfg.num_quality_levels:
+                        if any(e.quality is None for e in batch):
+                            raise ValueError("captions lack a quality level: run `qbridge train quality` first")
+                        quality = torch.tensor([e.quality for e in batch], device=accelerator.device)
+                    losses = module(feats, ids.to(accelerator.device), mask.to(accelerator.device),
+                                    labels.to(accelerator.device), quality)
+                else:
+                    enc = parts.qformer_tokenizer([e.target for e in batch], padding="max_length", truncation=True,
+                                                  max_length=cfg.data.max_text_tokens, return_tensors="pt")
+                    gen = torch.Generator().manual_seed(seed)
+                    losses = module(feats, enc.input_ids.to(accelerator.device),
+                                    enc.attention_mask.to(accelerator.device), gen, rank, world)
+                loss = sum(v for k, v in losses.items() if k.endswith("_loss"))
+                accelerator.backward(loss / cfg.run.grad_accum)
+            for k, v in losses.items():
+                totals[k if not stage2 else f"{task}_{k}"] = float(v.detach()) / cfg.run.grad_accum
+            seen += len(batch) * world
+        if accelerator.sync_gradients and cfg.optim.grad_clip:
+            accelerator.clip_grad_norm_([p for _, p in named], cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.run.log_every == 0 or done == end:
+            values = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
+                      for k, v in totals.items()}
+            values.update(lr=scheduler.get_last_lr()[0], samples_per_s=seen / max(1e-9, time.time() - t0))
+            logger.log(done, values)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k.endswith("loss")})
+        if (done % cfg.run.save_every == 0 or done == cfg.run.steps) and accelerator.is_main_process:
+            save_checkpoint(out, done, bridge.trainable_state_dict(), optimizer,
+                            {"stage": cfg.stage, "seed": cfg.run.seed}, keep=cfg.run.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        bar.update(1)
+    bar.close()
+    logger.close()
+    if step + 1 >= cfg.run.steps and accelerator.is_main_process:
+        _finish(cfg, parts, out)
+    accelerator.wait_for_everyone()
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _examples(cfg: TrainConfig, stage2: bool) -> dict[str, list[Example]]:
+    if not stage2:
+        return {"caption": caption_examples(cfg.data)}
+    builders = {"caption": caption_examples, "vqa": vqa_examples, "detect": detection_examples}
+    unknown = set(cfg.data.tasks) - set(builders)
+    if unknown:
+        raise ValueError(f"unknown stage-2 tasks {sorted(unknown)}; known: {sorted(builders)}")
+    return {t: builders[t](cfg.data) for t, w in cfg.data.tasks.items() if w > 0}
+
+
+def _feature_source(cfg: TrainConfig, parts: Parts, tasks: dict, accelerator) -> VisionFeatures:
+    encode = parts.bridge.encode_images
+    if not cfg.run.feature_cache:
+        return VisionFeatures(encode, parts.image_processor)
+    every = [e for pool in tasks.values() for e in pool]
+    fingerprint = f"{cfg.model.vision}|{_vision_hash(cfg.model.vision)}|{cfg.data.root}|{cfg.data.split}|{len(every)}"
+    if accelerator.is_main_process:
+        build_feature_cache(every, encode, parts.image_processor, cfg.run.feature_cache, fingerprint=fingerprint)
+    accelerator.wait_for_everyone()
+    cache = build_feature_cache(every, encode, parts.image_processor, cfg.run.feature_cache, fingerprint=fingerprint)
+    return VisionFeatures(encode, parts.image_processor, cache)
+
+
+def _vision_hash(path: str) -> str:
+    try:
+        return weights_sha256(path)
+    except Exception:  # a hub id: its revision is part of the name
+        return ""
+
+
+def _finish(cfg: TrainConfig, parts: Parts, out: Path) -> None:
+    final = out / "final"
+    if cfg.stage == "stage1":
+        from safetensors.torch import save_file
+
+        final.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in parts.bridge.trainable_state_dict().items()
+                 if k.startswith(("ln_vision", "qformer"))}
+        save_file(state, final / "stage1.safetensors")
+        parts.qformer_tokenizer.save_pretrained(final / "qformer_tokenizer")
+        (final / "bridge_config.json").write_text(json.dumps(parts.bridge.cfg.to_dict(), indent=2))
+        print(f"[stage1] wrote {final}")
+    else:
+        refs = {}
+        if not cfg.model.embed_components:
+            refs = {"vision_ref": ComponentRef("reference", cfg.model.vision, _vision_hash(cfg.model.vision) or None),
+                    "llm_ref": ComponentRef("reference", cfg.model.llm, _vision_hash(cfg.model.llm) or None)}
+        path = save_bundle(parts.bridge, parts.tokenizer, parts.image_processor, out / "bundle",
+                           qformer_tokenizer=parts.qformer_tokenizer, **refs)
+        print(f"[stage2] wrote bundle {path}")
+
+
+def load_stage1(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
+    from safetensors.torch import load_file
+
+    final = Path(run_dir) / "final"
+    return load_file(final / "stage1.safetensors"), final
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train a bridge: stage1 (ITC+ITM+ITG), quality (score and bin pairs), stage2 (LM loss)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="qbridge train", description=main.__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for stage in ("stage1", "stage2"):
+        s = sub.add_parser(stage, help=f"run {stage} from a JSON config (training/configs/)")
+        s.add_argument("--config", required=True, help="JSON config file, e.g. training/configs/tiny_stage1.json")
+        s.add_argument("overrides", nargs="*", help="section.field=value, e.g. run.steps=50 optim.lr=3e-4")
+        s.add_argument("--no-progress", action="store_true")
+    q = sub.add_parser("quality", help="score every training pair with a stage-1 model and bin it into K levels")
+    q.add_argument("--stage1", required=True, help="stage-1 run directory")
+    q.add_argument("--config", required=True, help="the stage-1 config (for the vision tower and data)")
+    q.add_argument("--levels", type=int, default=4)
+    q.add_argument("--out", default=None, help="captions JSON to write (default: DATA/captions_<split>_quality.json)")
+    args = p.parse_args(argv)
+    if args.cmd == "quality":
+        from training.quality import score_and_bin
+
+        score_and_bin(load_config(args.config), args.stage1, args.levels, args.out)
+        return 0
+    train(load_config(args.config, args.overrides), progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
