@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from qformer.bridge import Bridge, left_align
+from qformer.bridge import Bridge, LLMInputs, left_align
 
 
 @dataclass(frozen=True)
@@ -56,13 +56,43 @@ def generate(
     """One result per row of `vision_feats` (B, N, Dv) and `prompts` (B strings)."""
     if len(prompts) != vision_feats.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {vision_feats.shape[0]} images")
-    device = vision_feats.device
+    return generate_from_queries(bridge, tokenizer, bridge.project_queries(vision_feats), prompts, quality, config)
+
+
+@torch.no_grad()
+def prepare_inputs(
+    bridge: Bridge,
+    tokenizer: PreTrainedTokenizerBase,
+    query_embeds: torch.Tensor,
+    prompts: list[str],
+    quality: list[int] | None = None,
+) -> LLMInputs:
+    """Left-aligned `[pad][quality][queries][BOS prompt]` rows from projected queries (B, Q, D)."""
+    device = query_embeds.device
     enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
     q = torch.tensor(quality, device=device) if quality is not None else None
-    inputs = bridge.build_llm_inputs(
-        bridge.project_queries(vision_feats), enc.input_ids.to(device), enc.attention_mask.to(device), q
-    )
-    inputs = left_align(inputs)
+    inputs = bridge.build_llm_inputs(query_embeds, enc.input_ids.to(device), enc.attention_mask.to(device), q)
+    return left_align(inputs)
+
+
+def row_embeddings(inputs: LLMInputs) -> list[torch.Tensor]:
+    """Each row's embeddings without its padding (L_i, D): what an engine fed with prompt embeddings needs."""
+    return [e[m.bool()] for e, m in zip(inputs.inputs_embeds, inputs.attention_mask)]
+
+
+@torch.no_grad()
+def generate_from_queries(
+    bridge: Bridge,
+    tokenizer: PreTrainedTokenizerBase,
+    query_embeds: torch.Tensor,
+    prompts: list[str],
+    quality: list[int] | None = None,
+    config: GenerationConfig = GenerationConfig(),
+) -> list[Generated]:
+    """Generation from already projected queries (B, Q, D), e.g. from a cache of encoded images."""
+    if len(prompts) != query_embeds.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {query_embeds.shape[0]} images")
+    inputs = prepare_inputs(bridge, tokenizer, query_embeds, prompts, quality)
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -94,30 +124,31 @@ def generate(
     else:
         steps = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, new, V)
         logprobs = steps.gather(-1, sequences[:, : steps.shape[1], None]).squeeze(-1)
-    return [_finish(tokenizer, sequences[i], logprobs[i], eos, pad, config) for i in range(sequences.shape[0])]
+    return [finish(tokenizer, sequences[i].tolist(), logprobs[i].tolist(), config) for i in range(sequences.shape[0])]
 
 
-def _finish(tokenizer, ids: torch.Tensor, logprobs: torch.Tensor, eos: int | None, pad: int | None, config) -> Generated:
-    ids_l = ids.tolist()
-    finish = "length"
-    if eos is not None and eos in ids_l:
-        ids_l, finish = ids_l[: ids_l.index(eos)], "stop"
+def finish(tokenizer, ids: list[int], logprobs: list[float], config: GenerationConfig) -> Generated:
+    """Cut a generated row at EOS and at the first stop string; decode text and per-token pieces."""
+    eos = tokenizer.eos_token_id
+    finish_reason = "length"
+    if eos is not None and eos in ids:
+        ids, finish_reason = ids[: ids.index(eos)], "stop"
 
     def decode(part: list[int]) -> str:
         return tokenizer.decode(part, skip_special_tokens=True)
 
-    text = decode(ids_l)
+    text = decode(ids)
     hits = [text.find(s) for s in config.stop if s in text]
     if hits:
-        cut, finish = min(hits), "stop"
+        cut, finish_reason = min(hits), "stop"
         keep = 0  # the tokens whose text ends before the stop string starts
-        while keep < len(ids_l) and len(decode(ids_l[: keep + 1])) <= cut:
+        while keep < len(ids) and len(decode(ids[: keep + 1])) <= cut:
             keep += 1
-        ids_l, text = ids_l[:keep], text[:cut]
+        ids, text = ids[:keep], text[:cut]
     return Generated(
         text=text.strip(),
-        token_ids=ids_l,
-        logprobs=logprobs[: len(ids_l)].tolist(),
-        finish_reason=finish,
-        tokens=[tokenizer.decode([t]) for t in ids_l],
+        token_ids=ids,
+        logprobs=list(logprobs[: len(ids)]),
+        finish_reason=finish_reason,
+        tokens=[tokenizer.decode([t]) for t in ids],
     )
