@@ -22,3 +22,11 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The embedded demo model; override with `make serve MODEL=path/or/hub-id`.
+MODEL ?= qformer/demo/bundle
+HOST  ?= 127.0.0.1
+PORT  ?= 8000
+
+serve: $(STAMP)
+	$(VENV)/bin/qbridge serve --model $(MODEL) --host $(HOST) --port $(PORT)
