@@ -537,26 +537,31 @@ def report_markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Evaluate a bundle on a dataset split: captions, VQA, detection, retrieval."""
     p = argparse.ArgumentParser(
-        prog="qbridge eval", description=main.__doc__ + " Prints Markdown tables; writes JSON with --out.",
-        epilog="example: qbridge eval --model demo/bundle --data data/shapes --split test --n 500 --out eval.json",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="bundle directory")
-    p.add_argument("--data", required=True, type=Path,
+        prog="qbridge eval",
+        description=main.__doc__ + " Prints Markdown tables (figures x100); writes JSON with --out. Sections the "
+        "model or the data cannot support (no location tokens, no Q-Former text branch, no VQA files) are skipped.",
+        epilog="example: qbridge eval --model demo/bundle --data data/shapes --split test --n 500 --out eval.json")
+    p.add_argument("--model", required=True, metavar="BUNDLE", help="bundle directory")
+    p.add_argument("--data", required=True, type=Path, metavar="DIR",
                    help="dataset directory in the shapes-world layout (captions_<split>.json, images/<split>/, ...)")
-    p.add_argument("--split", default="test", help="split to evaluate")
-    p.add_argument("--n", type=int, default=None, help="first N images by id (default: all)")
-    p.add_argument("--batch-size", type=int, default=16, help="images (or questions) per generation batch")
-    p.add_argument("--levels", default=None,
-                   help="comma-separated caption quality levels, names or numbers (default: all)")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--n", type=int, default=None, metavar="N", help="the first N images by id (default: all)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B",
+                   help="images (or questions) per generation batch (default: 16)")
+    p.add_argument("--levels", default=None, metavar="L1,L2",
+                   help="caption quality levels, names or numbers (default: every level)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--markdown", type=Path, default=None, help="write the Markdown report here")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE.json", help="write the results as JSON here")
+    p.add_argument("--markdown", type=Path, default=None, metavar="FILE.md", help="write the Markdown report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.n is not None and args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+
+    if not (args.data / f"captions_{args.split}.json").is_file():
+        p.error(f"{args.data / f'captions_{args.split}.json'} not found: --data must hold the split's captions JSON")
 
     from qformer.bundle import load_bundle
 
@@ -565,6 +570,11 @@ def main(argv: list[str] | None = None) -> int:
     levels = None
     if args.levels:
         levels = [int(v) if v.strip().isdigit() else v.strip() for v in args.levels.split(",") if v.strip()]
+        try:
+            for level in levels:
+                bundle.config.quality_level(level)
+        except ValueError as exc:
+            p.error(f"--levels: {exc}")
     results = evaluate_bundle(bundle, args.data, args.split, args.n, args.batch_size, levels, progress=not args.quiet)
     report = report_markdown(results)
     print(report)
