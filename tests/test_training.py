@@ -112,3 +112,23 @@ def test_interrupted_checkpoint_leaves_the_previous_one(world, tmp_path, monkeyp
     monkeypatch.setattr(checkpoint, "save_file", real)
     train(cfg, progress=False)  # resumes from step 10 and finishes
     assert checkpoint.latest_checkpoint(tmp_path / "run").name == "step-0000020"
+
+
+def test_two_processes_with_accelerate_launch(world, tmp_path):
+    import subprocess
+    import sys
+
+    launcher = Path(sys.executable).with_name("accelerate")
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "-m", "training.train", "stage1", "--config",
+           str(CONFIG_DIR / "tiny_stage1.json"), *overrides(world, tmp_path / "ddp", **{"run.steps": 6, "run.log_every": 3}),
+           "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = losses(tmp_path / "ddp")
+    assert {r["world_size"] for r in log} == {2}
+    # ITC negatives come from both processes: the loss starts near log(2 * batch), not log(batch)
+    import math
+
+    assert abs(log[0]["itc_loss"] - math.log(16)) < abs(log[0]["itc_loss"] - math.log(8))
+    assert (tmp_path / "ddp" / "final" / "stage1.safetensors").is_file()

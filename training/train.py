@@ -273,8 +273,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
     if cfg.stage not in ("stage1", "stage2"):
         raise ValueError(f"stage must be stage1 or stage2, not {cfg.stage!r}")
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # on CPU-only machines, several processes use gloo (MULTI_CPU)
         mixed_precision=_mixed_precision(cfg.run.mixed_precision),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # Stage 2 batches are per task, so the quality prompts sit idle in VQA and detection steps.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.stage == "stage2")],
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(cfg.run.out_dir)
@@ -375,7 +377,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
         if done % cfg.run.log_every == 0 or done == end:
             values = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
                       for k, v in totals.items()}
-            values.update(lr=scheduler.get_last_lr()[0], samples_per_s=seen / max(1e-9, time.time() - t0))
+            values.update(lr=scheduler.get_last_lr()[0], samples_per_s=seen / max(1e-9, time.time() - t0), world_size=world)
             logger.log(done, values)
             bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k.endswith("loss")})
         if (done % cfg.run.save_every == 0 or done == cfg.run.steps) and accelerator.is_main_process:
