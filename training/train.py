@@ -279,6 +279,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.stage == "stage2")],
     )
     rank, world = accelerator.process_index, accelerator.num_processes
+    torch.set_flush_denormal(True)  # denormal floats in Adam's state slow CPU steps down many-fold
     out = Path(cfg.run.out_dir)
     stage2 = cfg.stage == "stage2"
     torch.manual_seed(cfg.run.seed)
@@ -377,7 +378,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
         if done % cfg.run.log_every == 0 or done == end:
             values = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
                       for k, v in totals.items()}
-            values.update(lr=scheduler.get_last_lr()[0], samples_per_s=seen / max(1e-9, time.time() - t0), world_size=world)
+            elapsed = time.time() - t0
+            values.update(lr=scheduler.get_last_lr()[0], samples_per_s=seen / max(1e-9, elapsed), world_size=world,
+                          samples_since_start=seen, seconds=elapsed)
             logger.log(done, values)
             bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k.endswith("loss")})
         if (done % cfg.run.save_every == 0 or done == cfg.run.steps) and accelerator.is_main_process:
