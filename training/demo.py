@@ -31,12 +31,13 @@ class Plan:
     n_train: int = 5000
     n_test: int = 1000
     n_heldout: int = 300
-    image_size: int = 128
+    image_size: int = 128  # the vision encoder's input
+    data_size: int = 224  # rendered scenes (the vision pretraining renders at 224 and resizes too)
     llm_steps: int = 800
-    vision_steps: int = 700
-    stage1_steps: int = 1500
-    stage2_steps: int = 3000
-    ablation_steps: int = 600
+    vision_steps: int = 500
+    stage1_steps: int = 600
+    stage2_steps: int = 2500
+    ablation_steps: int = 400
     eval_n: int | None = None  # all test images
     seed: int = 0
     noise: float = 0.3
@@ -44,7 +45,7 @@ class Plan:
     quick: bool = False  # tiny model sizes too
 
 
-QUICK = Plan(n_train=64, n_test=8, n_heldout=4, image_size=64, llm_steps=10, vision_steps=10, stage1_steps=10,
+QUICK = Plan(n_train=64, n_test=8, n_heldout=4, image_size=64, data_size=64, llm_steps=10, vision_steps=10, stage1_steps=10,
              stage2_steps=12, ablation_steps=4, eval_n=8, quick=True)
 
 
@@ -83,7 +84,7 @@ def build(out: Path, plan: Plan, progress: bool = True) -> Path:
 
     steps.run("data", data / "world.json", lambda: shapes.write_dataset(
         data, n=plan.n_train, seed=plan.seed, noise=plan.noise, n_val=max(1, plan.n_test // 5), n_test=plan.n_test,
-        n_heldout=plan.n_heldout, size=(plan.image_size, plan.image_size), progress=progress))
+        n_heldout=plan.n_heldout, size=(plan.data_size, plan.data_size), progress=progress))
     steps.run("tokenizer", llm / "tokenizer.json", lambda: pretrain.train_tokenizer(None, llm, seed=plan.seed))
     steps.run("llm", llm / "model.safetensors", lambda: pretrain.pretrain_llm(
         None, llm, llm, plan.llm_steps, seed=plan.seed, progress=progress,
