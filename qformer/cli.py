@@ -3,6 +3,7 @@ module (in the model package) never imports `training` or `service`.
 
     qbridge --help
     qbridge caption --model BUNDLE IMAGE
+    qbridge caption --url http://127.0.0.1:8000 IMAGE      # ask a running `qbridge serve`
 """
 
 from __future__ import annotations
@@ -55,7 +56,18 @@ def caption_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=30)
     p.add_argument("--quality", default=None, help="quality level number or name (default: the highest)")
     p.add_argument("--prompt", default="", help="text the caption continues from")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="caption with a running server (POST URL/v1/caption) instead of loading the model here",
+    )
+    p.add_argument("--api-key", default=os.environ.get("QBRIDGE_API_KEY"), help="with --url (default: $QBRIDGE_API_KEY)")
+    p.add_argument("--timeout", type=float, default=120.0, help="with --url: seconds to wait for the answer")
     args = p.parse_args(argv)
+    if args.url:
+        if args.prompt:
+            p.error("--prompt is not supported with --url (the server writes the caption prompt)")
+        return _caption_over_http(args)
     if not args.model:
         p.error("no model: pass --model BUNDLE or set QBRIDGE_MODEL")
 
@@ -77,6 +89,56 @@ def caption_main(argv: list[str] | None = None) -> int:
         bundle.bridge, bundle.tokenizer, feats, [args.prompt], quality, GenerationConfig(max_new_tokens=args.max_new_tokens)
     )
     print(out.text)
+    return 0
+
+
+def _caption_over_http(args) -> int:
+    """POST the image to a running server's /v1/caption (standard library only: qformer never imports service)."""
+    import json
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    try:
+        with open(args.image, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        print(f"{args.image}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    boundary = uuid.uuid4().hex
+    fields = [("max_new_tokens", str(args.max_new_tokens))]
+    if args.quality is not None:
+        fields.append(("quality", str(args.quality)))
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="image"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n".encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        args.url.rstrip("/") + "/v1/caption",
+        data=b"".join(parts),
+        method="POST",
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Accept": "application/json"},
+    )
+    if args.api_key:
+        request.add_header("Authorization", f"Bearer {args.api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as resp:
+            body = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc)["error"]["message"]
+        except Exception:
+            message = exc.reason
+        print(f"HTTP {exc.code}: {message}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"request to {args.url} failed: {exc}", file=sys.stderr)
+        return 1
+    print(body["caption"])
     return 0
 
 

@@ -118,7 +118,7 @@ def build(out: Path, plan: Plan, progress: bool = True) -> Path:
         bundle = load_bundle(bundle_dir)
         results = {"test": evaluate_bundle(bundle, data, "test", plan.eval_n, progress=progress),
                    "heldout": evaluate_bundle(bundle, data, "heldout", plan.eval_n, progress=progress)}
-        report_json.write_text(json.dumps(results, indent=2, sort_keys=True))
+        report_json.write_text(json.dumps(results, indent=2))  # keeps the level order
 
     steps.run("evaluation", report_json, evaluate)
     ablation_json = out / "ablation.json"
@@ -181,7 +181,7 @@ def write_report(out: Path, plan: Plan) -> None:
     for name, r in ablation.items():
         lines.append(f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cider']:.3f} | {r['bleu4']:.3f} |")
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
-    (out / "report_all.json").write_text(json.dumps({"eval": results, "ablation": ablation}, indent=2, sort_keys=True))
+    (out / "report_all.json").write_text(json.dumps({"eval": results, "ablation": ablation}, indent=2))
 
 
 def install(out: Path, target: Path = DEMO_DIR) -> None:

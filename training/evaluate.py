@@ -286,13 +286,12 @@ def _level_name(cfg, level: int | None) -> str:
 
 
 def task_quality(cfg) -> int | None:
-    """Quality level used for VQA and detection: the top one (best aligned) when the model has levels.
+    """Quality level used for VQA and detection: none.
 
-    Levels come from caption-image alignment; the top level is what the caption endpoint uses by
-    default and what stage 2 sees with clean pairs, so it is the natural condition for tasks
-    that have no level of their own.
+    Levels grade caption-image alignment; stage 2 trains VQA and detection without a quality prompt
+    (their targets are clean annotations), so they are evaluated and served the same way.
     """
-    return cfg.num_quality_levels - 1 if cfg.num_quality_levels else None
+    return None
 
 
 @torch.no_grad()

@@ -314,6 +314,7 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
     from transformers import LlamaForCausalLM
 
     tokenizer = _load_tokenizer(tokenizer)
+    torch.set_flush_denormal(True)  # denormal floats in Adam's state can slow CPU steps down many-fold
     torch.manual_seed(seed)
     cfg = llm_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                      num_kv_heads=num_kv_heads, intermediate_size=intermediate_size)
@@ -326,7 +327,7 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
     batches = _TextBatches(_text_stream(data, seed, noise, rng), tokenizer, batch_size, max_len, rng)
 
     losses: list[float] = []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(range(steps), desc="llm", unit="step", disable=not progress)
     for step in bar:
         ids, mask, labels = _pad(next(batches), tokenizer.pad_token_id)
@@ -342,7 +343,11 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
     bar.close()
     seconds = time.perf_counter() - start
     metrics = {
+        # cpu_seconds (all threads) next to wall seconds: on a shared machine the wall time says little
         "steps": steps, "seconds": seconds, "seconds_per_step": seconds / max(1, steps),
+        "cpu_seconds": time.process_time() - cpu_start, "threads": torch.get_num_threads(),
+        "loss_curve": {s: sum(losses[max(0, s - 10):s]) / len(losses[max(0, s - 10):s])
+                       for s in sorted({*range(50, steps + 1, 50), steps})},
         "first_loss": sum(losses[:10]) / max(1, len(losses[:10])),
         "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -596,6 +601,7 @@ def pretrain_vision(out_dir: str | Path | None = None, steps: int = 600, *, imag
         raise ValueError(f"levels must be a subset of {LEVELS}, got {levels}")
     tokenizer = _load_tokenizer(tokenizer)
     processor = image_processor(image_size)
+    torch.set_flush_denormal(True)
     torch.manual_seed(seed)
     vision = Blip2VisionModel(vision_config(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
                                             num_layers=num_layers, num_heads=num_heads,
@@ -608,7 +614,7 @@ def pretrain_vision(out_dir: str | Path | None = None, steps: int = 600, *, imag
     per_step = batch_size // 2 if twins else batch_size
 
     losses: list[float] = []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(range(steps), desc="vision", unit="step", disable=not progress)
     for step in bar:
         images, texts, _ = _vision_batch(seed, "train", range(step * per_step, (step + 1) * per_step), levels, twins,
@@ -630,7 +636,11 @@ def pretrain_vision(out_dir: str | Path | None = None, steps: int = 600, *, imag
     bar.close()
     seconds = time.perf_counter() - start
     metrics = {
+        # cpu_seconds (all threads) next to wall seconds: on a shared machine the wall time says little
         "steps": steps, "seconds": seconds, "seconds_per_step": seconds / max(1, steps),
+        "cpu_seconds": time.process_time() - cpu_start, "threads": torch.get_num_threads(),
+        "loss_curve": {s: sum(losses[max(0, s - 10):s]) / len(losses[max(0, s - 10):s])
+                       for s in sorted({*range(50, steps + 1, 50), steps})},
         "first_loss": sum(losses[:10]) / max(1, len(losses[:10])),
         "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "temperature": 1 / model.logit_scale.exp().item(),
@@ -703,7 +713,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # denormal floats in Adam's state slow CPU steps down many-fold
     if args.command == "tokenizer":
         tok = train_tokenizer(None, args.out, args.vocab_size, seed=args.seed, n_scenes=args.scenes)
         print(f"wrote {args.out}: vocabulary {len(tok)}")
