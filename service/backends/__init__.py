@@ -1,0 +1,7 @@
+"""Generation backends: the engine hands them projected queries and prompts, they return `Generated` rows.
+
+    torch  service.backends.torch_backend.TorchBackend   transformers `generate` (CPU or CUDA)
+    vllm   service.backends.vllm_backend.VllmBackend     vLLM AsyncLLM fed with prompt embeddings
+
+See `service.backends.base.Backend` for the interface.
+"""

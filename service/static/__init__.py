@@ -1,0 +1,1 @@
+"""The playground page (index.html), shipped as package data."""
