@@ -192,7 +192,7 @@ def test_evaluate_bundle_reports_every_section_in_range(world, results):
     n_questions = len(json.loads((root / "data" / "questions_test.json").read_text())["questions"])
     vqa = results["vqa"]
     assert vqa["n_questions"] == n_questions and _in_unit(vqa["accuracy"])
-    assert vqa["quality_level"] == "q1"  # the top level
+    assert vqa["quality_level"] == "default"  # VQA and detection take no quality prompt
     assert all(_in_unit(v) for v in vqa["per_question_type"].values())
 
     det = results["detection"]
