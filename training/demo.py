@@ -34,10 +34,10 @@ class Plan:
     image_size: int = 128  # the vision encoder's input
     data_size: int = 224  # rendered scenes (the vision pretraining renders at 224 and resizes too)
     llm_steps: int = 800
-    vision_steps: int = 500
-    stage1_steps: int = 600
-    stage2_steps: int = 2500
-    ablation_steps: int = 400
+    vision_steps: int = 400
+    stage1_steps: int = 500
+    stage2_steps: int = 2200
+    ablation_steps: int = 300
     eval_n: int | None = None  # all test images
     seed: int = 0
     noise: float = 0.3

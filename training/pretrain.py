@@ -1,18 +1,22 @@
 """Pretrain the demo model's frozen parts on the shapes world: tokenizer, small Llama, small vision encoder.
 
     python -m training.pretrain tokenizer --out demo/llm
-    python -m training.pretrain llm --out demo/llm --tokenizer demo/llm --steps 1000
-    python -m training.pretrain vision --out demo/vision --tokenizer demo/llm --steps 600
+    python -m training.pretrain llm --out demo/llm --tokenizer demo/llm --steps 800
+    python -m training.pretrain vision --out demo/vision --tokenizer demo/llm --steps 400
 
-(``--steps 20 --tiny`` shrinks either model into a smoke run.) Each step writes a standard transformers
-directory (config + ``model.safetensors`` + tokenizer or image processor) and ``pretrain.json`` with the
-arguments and final metrics. These become the demo's *frozen* LLM and vision encoder; a Q-Former bridge is
-trained between them afterwards, exactly as between released weights.
+(``--steps 20 --tiny`` shrinks either model into a smoke run; ``--threads N`` sets torch's CPU threads.)
+Each step writes a standard transformers directory (config + ``model.safetensors`` + tokenizer or image
+processor) and ``pretrain.json`` with the arguments and final metrics. These become the demo's *frozen* LLM
+and vision encoder; a Q-Former bridge is trained between them afterwards, exactly as between released weights.
 
 All text comes from the world's own generators (``training.shapes``), scene by scene from a seed, in the
 formats the bridge later uses: ``caption: <caption>``, ``question: <q> answer: <a>``, ``detect: <labels>``
 (labels only: location tokens belong to the bridge). Only train-split scenes are used, so the
 compositional held-out pairs (``shapes.HELDOUT_PAIRS``) never occur in any pretraining image or text.
+
+The vision encoder (``Blip2VisionModel``, 128 px, 16 px patches: an 8x8 grid) learns CLIP-style against a
+throwaway text tower: image vs caption, plus each object's box-pooled patch tokens vs its phrase, with
+one-edit "twin" scenes as hard negatives (see :func:`pretrain_vision`).
 """
 
 from __future__ import annotations
@@ -124,11 +128,18 @@ def dataset_texts(data_dir: str | Path, split: str = "train") -> list[str]:
     if inst.exists():
         d = json.loads(inst.read_text())
         names = {c["id"]: c["name"] for c in d["categories"]}
+        sizes = {im["id"]: (im["width"], im["height"]) for im in d["images"]}
         per_image: dict[int, list] = {}
         for a in d["annotations"]:
             per_image.setdefault(a["image_id"], []).append(a)
-        for anns in per_image.values():
-            anns.sort(key=lambda a: (a["bbox"][1], a["bbox"][0]))
+        for image_id, anns in per_image.items():
+            w, h = sizes[image_id]
+
+            def reading_order(a, w=w, h=h):  # as _reading_order: 3x3 cell of the box centre, then top-left
+                x, y, bw, bh = a["bbox"]
+                return min(int(3 * (y + bh / 2) / h), 2), min(int(3 * (x + bw / 2) / w), 2), y, x
+
+            anns.sort(key=reading_order)
             texts.append(f"{detect_prompt()} {'; '.join(names[a['category_id']] for a in anns)}")
     if not texts:
         raise FileNotFoundError(f"no captions_/questions_/instances_{split}.json in {root}")
@@ -209,7 +220,7 @@ def _schedule(step: int, steps: int, warmup: int, min_ratio: float = 0.1) -> flo
 
 
 def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    # No decay on norms, biases, embeddings' scalars: only matrices decay.
+    # Only matrices decay; norms, biases and temperatures do not.
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
@@ -298,7 +309,7 @@ def evaluate_llm(model, tokenizer, seed: int = 0, n_scenes: int = 200, max_len: 
     return out
 
 
-def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, steps: int = 1000, *, seed: int = 0,
+def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, steps: int = 800, *, seed: int = 0,
                  batch_size: int = 64, lr: float = 2e-3, warmup: int | None = None, weight_decay: float = 0.1,
                  max_len: int = 64, noise: float = 0.1, hidden_size: int = 256, num_layers: int = 4,
                  num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 688,
@@ -471,38 +482,76 @@ class TextTower(nn.Module):
 
 
 class _Contrastive(nn.Module):
-    """Vision encoder + text tower + projections + temperature. The image embedding is the mean of
-    ``last_hidden_state`` over all tokens, so every patch token (what the Q-Former later reads) is trained,
-    not only the class token."""
+    """Vision encoder + text tower + projections + temperatures.
+
+    Image embedding: the mean of ``last_hidden_state`` over all tokens, so every patch token (what the
+    Q-Former later reads) is trained, not only the class token. Region embedding: the patch tokens under an
+    object's box, averaged with weights = the fraction of each patch the box covers."""
 
     def __init__(self, vision, text: TextTower, embed_dim: int):
         super().__init__()
         self.vision, self.text = vision, text
         self.image_proj = nn.Linear(vision.config.hidden_size, embed_dim)
+        self.region_proj = nn.Linear(vision.config.hidden_size, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.region_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        h = self.vision(pixel_values=pixels).last_hidden_state  # (B, 1 + patches, D)
-        return F.normalize(self.image_proj(h.mean(1)), dim=-1)
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixel_values=pixels).last_hidden_state  # (B, 1 + P, D)
+
+    def embed_images(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(hidden.mean(1)), dim=-1)
+
+    def embed_regions(self, hidden: torch.Tensor, image_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        patches = hidden[image_index, 1:]  # (K, P, D): the class token is not a place
+        return F.normalize(self.region_proj(torch.einsum("kp,kpd->kd", weights, patches)), dim=-1)
 
     def embed_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text(ids, mask), dim=-1)
 
 
-def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-              same_text: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Symmetric InfoNCE. ``same_text[i, j]`` is True where captions i and j are equal strings: such pairs
-    are both positives (targets spread over them), not false negatives."""
-    logits = logit_scale.exp().clamp(max=100) * image_emb @ text_emb.t()  # (B, B)
-    targets = same_text.float() / same_text.float().sum(1, keepdim=True)
-    loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-    return {"contrastive_loss": loss}
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE between rows of ``a`` and ``b`` (L2-normalised). ``same[i, j]`` is True where texts i
+    and j are equal strings: such pairs are all positives (targets spread over them), not false negatives."""
+    logits = logit_scale.exp().clamp(max=100) * a @ b.t()  # (N, N)
+    targets = same.float() / same.float().sum(1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def vision_losses(model: _Contrastive, batch: dict) -> dict[str, torch.Tensor]:
+    """``contrastive_loss`` (image vs caption) and ``region_loss`` (object box vs object phrase)."""
+    hidden = model.encode(batch["pixels"])
+    out = {"contrastive_loss": info_nce(model.embed_images(hidden), model.embed_texts(*batch["text"]),
+                                        model.logit_scale, batch["same_text"])}
+    if "regions" in batch:
+        index, weights = batch["regions"]
+        out["region_loss"] = info_nce(model.embed_regions(hidden, index, weights),
+                                      model.embed_texts(*batch["phrases"]), model.region_logit_scale,
+                                      batch["same_phrase"])
+    return out
+
+
+def object_phrase(scene: Scene, obj: Obj) -> str:
+    """The detailed caption's sentence for one object, without its full stop."""
+    return f"a {obj.size} {obj.colour} {obj.shape} is {POSITION_PHRASES[scene.cell(obj)]}"
+
+
+def patch_weights(scene: Scene, obj: Obj, grid: int) -> torch.Tensor:
+    """(grid * grid,) weights: the fraction of each patch that ``obj``'s box covers, normalised to sum 1."""
+    edges_x = torch.linspace(0, scene.width, grid + 1)
+    edges_y = torch.linspace(0, scene.height, grid + 1)
+    x1, y1, x2, y2 = obj.box
+    wx = (torch.minimum(edges_x[1:], torch.tensor(float(x2))) - torch.maximum(edges_x[:-1], torch.tensor(float(x1))))
+    wy = (torch.minimum(edges_y[1:], torch.tensor(float(y2))) - torch.maximum(edges_y[:-1], torch.tensor(float(y1))))
+    w = wy.clamp(min=0)[:, None] * wx.clamp(min=0)[None, :]  # (grid, grid), row-major like the patch sequence
+    return (w / w.sum()).flatten()
 
 
 def _vision_batch(seed: int, split: str, indices: Sequence[int], levels: Sequence[str], twins: bool,
-                  max_objects: int, render_size: int) -> tuple[list, list[str], list[str | None]]:
-    """Images and captions for scenes ``indices``; with ``twins``, each scene is followed by its edited twin."""
-    images, texts, kinds = [], [], []
+                  max_objects: int, render_size: int) -> tuple[list, list[str], list[str | None], list[Scene]]:
+    """Images, captions, edit kinds and scenes for scenes ``indices``; with ``twins``, each scene is followed by
+    its edited twin (edit kind None for the originals)."""
+    images, texts, kinds, scenes = [], [], [], []
     pairs = shapes.ALL_PAIRS if split == "heldout" else SEEN_PAIRS
     for index in indices:
         scene = make_scene(seed, split, index, width=render_size, height=render_size, max_objects=max_objects)
@@ -519,12 +568,28 @@ def _vision_batch(seed: int, split: str, indices: Sequence[int], levels: Sequenc
             images.append(render(s))
             texts.append(caption(s, level))
             kinds.append(kind)
-    return images, texts, kinds
+            scenes.append(s)
+    return images, texts, kinds, scenes
 
 
-def vision_config(*, image_size: int = 128, patch_size: int = 16, hidden_size: int = 192, num_layers: int = 6,
+def _collate_vision(images, texts, scenes, tokenizer, processor, grid: int, regions: bool) -> dict:
+    batch = {"pixels": processor(images=images, return_tensors="pt").pixel_values,
+             "text": _pad(_encode(tokenizer, texts, 96), tokenizer.pad_token_id)[:2],
+             "same_text": torch.tensor([[a == b for b in texts] for a in texts])}
+    if regions:
+        objs = [(i, s, o) for i, s in enumerate(scenes) for o in s.objects]
+        phrases = [object_phrase(s, o) for _, s, o in objs]
+        batch["regions"] = (torch.tensor([i for i, _, _ in objs]),
+                            torch.stack([patch_weights(s, o, grid) for _, s, o in objs]))
+        batch["phrases"] = _pad(_encode(tokenizer, phrases, 32), tokenizer.pad_token_id)[:2]
+        batch["same_phrase"] = torch.tensor([[a == b for b in phrases] for a in phrases])
+    return batch
+
+
+def vision_config(*, image_size: int = 128, patch_size: int = 16, hidden_size: int = 192, num_layers: int = 4,
                   num_heads: int = 3, intermediate_size: int = 768):
-    """The demo vision encoder's ``Blip2VisionConfig``: an 8x8 patch grid (+ class token) at 128 px."""
+    """The demo vision encoder's ``Blip2VisionConfig``: an 8x8 patch grid (+ class token) at 128 px. head_dim 64;
+    at 160 px (a 10x10 grid) a step costs about 1.5 times as much."""
     from transformers import Blip2VisionConfig
 
     # initializer_range: BLIP-2's default (1e-10) assumes loaded weights; from scratch it must be real.
@@ -541,64 +606,78 @@ def image_processor(image_size: int = 128):
                                  image_std=list(IMAGE_STD), do_convert_rgb=True)
 
 
+def _top1(sim: torch.Tensor, same: torch.Tensor) -> tuple[int, int]:
+    """Hits of row->column and column->row top-1 retrieval, an equal text counting as a hit."""
+    n = torch.arange(sim.shape[0])
+    return same[n, sim.argmax(1)].sum().item(), same[sim.argmax(0), n].sum().item()
+
+
 @torch.no_grad()
 def evaluate_vision(model: _Contrastive, tokenizer, processor, *, seed: int = 0, split: str = "val",
                     n_batches: int = 4, batch_size: int = 64, levels: Sequence[str] = ("normal", "detailed"),
-                    max_objects: int = 4, render_size: int = 224, max_len: int = 96) -> dict[str, float]:
-    """On held-out scenes: in-batch retrieval top-1 (image->text and text->image, batches of ``batch_size``
-    random scenes; an equal caption counts as a hit), and twin accuracy (an image scores its own caption above
-    its one-edit twin's caption), overall and per edit kind."""
+                    max_objects: int = 4, render_size: int = 224) -> dict[str, float]:
+    """On held-out scenes: in-batch top-1 retrieval (image->text, text->image) over batches of ``batch_size``
+    random scenes, an equal caption counting as a hit; region->phrase top-1 over all objects of the batch;
+    and twin accuracy (an image scores its own caption above its one-edit twin's caption, and the twin
+    likewise), overall and per edit kind."""
     model.eval()
-    hits_i2t = hits_t2i = total = 0
+    grid = model.vision.config.image_size // model.vision.config.patch_size
+    hits = Counter()
     twin_hits: Counter = Counter()
     twin_total: Counter = Counter()
     for b in range(n_batches):
         indices = range(b * batch_size, (b + 1) * batch_size)
-        for twins in (False, True):
-            images, texts, kinds = _vision_batch(seed, split, indices if not twins else indices[: batch_size // 2],
-                                                 levels, twins, max_objects, render_size)
-            ids, mask, _ = _pad(_encode(tokenizer, texts, max_len), tokenizer.pad_token_id)
-            pixels = processor(images=images, return_tensors="pt").pixel_values
-            sim = model.embed_images(pixels) @ model.embed_texts(ids, mask).t()
-            if not twins:
-                same = torch.tensor([[a == c for c in texts] for a in texts])
-                hits_i2t += same[torch.arange(len(texts)), sim.argmax(1)].sum().item()
-                hits_t2i += same[sim.argmax(0), torch.arange(len(texts))].sum().item()
-                total += len(texts)
-                continue
-            for i, kind in enumerate(kinds):
-                if kind is None:
-                    continue
-                base = i - 1  # the twin follows its scene
-                ok = (sim[base, base] > sim[base, i]).item() + (sim[i, i] > sim[i, base]).item()
-                twin_hits[kind] += ok
+        images, texts, _, scenes = _vision_batch(seed, split, indices, levels, False, max_objects, render_size)
+        batch = _collate_vision(images, texts, scenes, tokenizer, processor, grid, True)
+        hidden = model.encode(batch["pixels"])
+        i2t, t2i = _top1(model.embed_images(hidden) @ model.embed_texts(*batch["text"]).t(), batch["same_text"])
+        r2p, p2r = _top1(model.embed_regions(hidden, *batch["regions"]) @ model.embed_texts(*batch["phrases"]).t(),
+                         batch["same_phrase"])
+        hits.update(i2t=i2t, t2i=t2i, images=len(texts), r2p=r2p, p2r=p2r, regions=len(batch["same_phrase"]))
+
+        images, texts, kinds, scenes = _vision_batch(seed, split, indices[: batch_size // 2], levels, True,
+                                                     max_objects, render_size)
+        batch = _collate_vision(images, texts, scenes, tokenizer, processor, grid, False)
+        sim = model.embed_images(model.encode(batch["pixels"])) @ model.embed_texts(*batch["text"]).t()
+        for i, kind in enumerate(kinds):
+            if kind is not None:
+                base = i - 1  # a twin follows its scene
+                twin_hits[kind] += (sim[base, base] > sim[base, i]).item() + (sim[i, i] > sim[i, base]).item()
                 twin_total[kind] += 2
     model.train()
-    out = {"retrieval_i2t": hits_i2t / total, "retrieval_t2i": hits_t2i / total,
+    out = {"retrieval_i2t": hits["i2t"] / hits["images"], "retrieval_t2i": hits["t2i"] / hits["images"],
+           "region_r2p": hits["r2p"] / hits["regions"], "region_p2r": hits["p2r"] / hits["regions"],
            "twin_accuracy": sum(twin_hits.values()) / max(1, sum(twin_total.values()))}
     out.update({f"twin_{k}": twin_hits[k] / twin_total[k] for k in EDITS if twin_total[k]})
     return out
 
 
-def pretrain_vision(out_dir: str | Path | None = None, steps: int = 600, *, image_size: int = 128,
-                    patch_size: int = 16, hidden_size: int = 192, num_layers: int = 6, num_heads: int = 3,
+def pretrain_vision(out_dir: str | Path | None = None, steps: int = 400, *, image_size: int = 128,
+                    patch_size: int = 16, hidden_size: int = 192, num_layers: int = 4, num_heads: int = 3,
                     intermediate_size: int = 768, tokenizer=None, text_dim: int = 128, text_layers: int = 2,
                     embed_dim: int = 128, batch_size: int = 64, lr: float = 1e-3, warmup: int | None = None,
                     weight_decay: float = 0.05, seed: int = 0, levels: Sequence[str] = ("normal", "detailed"),
-                    twins: bool = True, max_objects: int = 4, render_size: int = 224, eval_batches: int = 4,
-                    progress: bool = True) -> dict:
+                    twins: bool = True, region_weight: float = 1.0, max_objects: int = 4, render_size: int = 224,
+                    eval_batches: int = 4, progress: bool = True) -> dict:
     """Contrastively pretrain a ``Blip2VisionModel`` against a throwaway text tower on world (image, caption)
     pairs rendered on the fly from train-split scenes; save the encoder and its ``BlipImageProcessor``.
 
-    Half of each batch is scenes, the other half their one-edit twins (:func:`twin_scene`), so the embedding
-    must tell colours, shapes, sizes, positions and background apart, not just count objects. ``tokenizer``
-    (the LLM's, its directory, or None: trained here) feeds only the text tower, which is discarded.
-    Returns metrics: ``first_loss``/``final_loss``, ``val`` (:func:`evaluate_vision`), timings.
+    Loss: CLIP's symmetric InfoNCE between image and caption embeddings, plus ``region_weight`` times the same
+    loss between each object's box-pooled patch tokens and its phrase ("a small red circle is in the top
+    left"; all objects of the batch are negatives), as in grounded pretraining (GLIP, RegionCLIP): it makes
+    each patch token say what lies there, which the Q-Former needs for detection and detailed captions.
+    Half of each batch is scenes, the other half their one-edit twins (:func:`twin_scene`), so the image
+    embedding must tell colours, shapes, sizes, positions and backgrounds apart, not just count objects.
+    ``tokenizer`` (the LLM's, its directory, or None: trained here) feeds only the text tower, which is
+    discarded. Returns metrics: ``first_loss``/``final_loss`` (summed loss), ``final_losses`` (per term),
+    ``val`` (:func:`evaluate_vision`), timings.
     """
     from transformers import Blip2VisionModel
 
     if levels is None or not set(levels) <= set(LEVELS):
         raise ValueError(f"levels must be a subset of {LEVELS}, got {levels}")
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
     tokenizer = _load_tokenizer(tokenizer)
     processor = image_processor(image_size)
     torch.set_flush_denormal(True)
@@ -612,24 +691,26 @@ def pretrain_vision(out_dir: str | Path | None = None, steps: int = 600, *, imag
     warmup = max(1, steps // 10) if warmup is None else warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
     per_step = batch_size // 2 if twins else batch_size
+    grid = image_size // patch_size
 
     losses: list[float] = []
+    terms: dict[str, list[float]] = {}
     start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(range(steps), desc="vision", unit="step", disable=not progress)
     for step in bar:
-        images, texts, _ = _vision_batch(seed, "train", range(step * per_step, (step + 1) * per_step), levels, twins,
-                                         max_objects, render_size)
-        ids, mask, _ = _pad(_encode(tokenizer, texts, 96), tokenizer.pad_token_id)
-        pixels = processor(images=images, return_tensors="pt").pixel_values
-        same = torch.tensor([[a == c for c in texts] for a in texts])
-        loss = clip_loss(model.embed_images(pixels), model.embed_texts(ids, mask), model.logit_scale,
-                         same)["contrastive_loss"]
+        images, texts, _, scenes = _vision_batch(seed, "train", range(step * per_step, (step + 1) * per_step),
+                                                 levels, twins, max_objects, render_size)
+        batch = _collate_vision(images, texts, scenes, tokenizer, processor, grid, region_weight > 0)
+        parts = vision_losses(model, batch)
+        loss = parts["contrastive_loss"] + region_weight * parts.get("region_loss", 0.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        for k, v in parts.items():
+            terms.setdefault(k, []).append(v.item())
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}",
                             T=f"{1 / model.logit_scale.exp().item():.3f}")
@@ -643,6 +724,7 @@ def pretrain_vision(out_dir: str | Path | None = None, steps: int = 600, *, imag
                        for s in sorted({*range(50, steps + 1, 50), steps})},
         "first_loss": sum(losses[:10]) / max(1, len(losses[:10])),
         "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        "final_losses": {k: sum(v[-10:]) / len(v[-10:]) for k, v in terms.items()},
         "temperature": 1 / model.logit_scale.exp().item(),
         "parameters": sum(p.numel() for p in vision.parameters()),
         "val": evaluate_vision(model, tokenizer, processor, seed=seed, n_batches=eval_batches, levels=levels,
@@ -655,7 +737,8 @@ def pretrain_vision(out_dir: str | Path | None = None, steps: int = 600, *, imag
         processor.save_pretrained(str(out))
         _write_json(out / "pretrain.json", {"component": "vision", "seed": seed, "batch_size": batch_size,
                                             "lr": lr, "levels": list(levels), "twins": twins,
-                                            "render_size": render_size, "metrics": metrics})
+                                            "region_weight": region_weight, "render_size": render_size,
+                                            "metrics": metrics})
     metrics["model"] = vision
     return metrics
 
@@ -690,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("llm", help="pretrain the small Llama on world text")
     common(p)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: train one)")
     p.add_argument("--data", type=Path, default=None,
                    help="a written shapes world / COCO-format directory (default: text generated from --seed)")
@@ -700,13 +783,15 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("vision", help="contrastively pretrain the small BLIP-2 vision encoder")
     common(p)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: train one)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--region-weight", type=float, default=1.0,
+                   help="weight of the object-box vs object-phrase loss (0: image-level CLIP loss only)")
     p.add_argument("--no-twins", action="store_true", help="random batches only, no one-edit hard negatives")
     p.add_argument("--tiny", action="store_true", help="a tiny model, for smoke runs")
     args = parser.parse_args(argv)
@@ -725,7 +810,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = dict(TINY_VISION) if args.tiny else {"image_size": args.image_size, "patch_size": args.patch_size,
                                                       "num_layers": args.layers}
         metrics = pretrain_vision(args.out, args.steps, tokenizer=args.tokenizer, batch_size=args.batch_size,
-                                  lr=args.lr, seed=args.seed, twins=not args.no_twins, progress=not args.quiet,
+                                  lr=args.lr, seed=args.seed, twins=not args.no_twins, region_weight=args.region_weight,
+                                  progress=not args.quiet,
                                   **sizes)
         print(_report(metrics))
     return 0
