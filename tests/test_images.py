@@ -4,7 +4,8 @@ Every test image is built here, in code (Pillow or hand-written bytes); nothing 
     .venv/bin/python -m pytest tests/test_images.py -q
 """
 
-from __future__ import annotations
+from __future__ # Time limits below are on this process's CPU time, so other jobs on a shared CI machine cannot fail them.
+import annotations
 
 import base64
 import functools
@@ -157,9 +158,9 @@ def test_40mb_base64_is_413_without_decoding(monkeypatch, prefix):
 
     monkeypatch.setattr(images.base64, "b64decode", must_not_decode)
     huge = prefix + "A" * 40_000_000
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     err = raises_code(PayloadTooLarge, "payload_too_large", decode_base64, huge)
-    assert time.perf_counter() - t0 < 0.1
+    assert time.process_time() - t0 < 0.1
     assert err.status == 413 and "10.0 MiB" in err.message and "28.6 MiB" in err.message
 
 
@@ -254,9 +255,9 @@ def test_png_bad_crc_is_400_invalid_image(chunk):
 
 def test_png_with_too_many_chunks_is_400():
     many = insert_after_ihdr(_red_png(), png_chunk(b"zzZz", b"") * 60_000)  # 720 KB, 60k chunks
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     raises_code(InvalidImage, "invalid_image", load_image, many)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 1.0
     assert load_image(insert_after_ihdr(_red_png(), png_chunk(b"zzZz", b"") * 20_000)).format == "PNG"
 
 
@@ -294,9 +295,9 @@ def test_png_bomb_30000_is_413_in_milliseconds_without_decoding(monkeypatch):
     data = png_1bit(30000, 30000)
     assert len(data) < 200_000
     spy = DecodeSpy(monkeypatch)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     err = raises_code(ImageTooLarge, "image_too_large", load_image, data)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 1.0
     assert err.status == 413 and spy.calls == 0
 
 
@@ -318,9 +319,9 @@ def test_large_jpeg_is_decoded_with_draft_and_downscaled():
     img = Image.new("RGB", (8000, 6000), (10, 200, 30))
     img.paste((200, 20, 20), (0, 0, 4000, 3000))
     data = encode(img, "JPEG", quality=85)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     loaded = load_image(data)
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     assert elapsed < 3.0
     assert loaded.original_size == (8000, 6000)
     assert loaded.image.mode == "RGB" and loaded.image.size == (2048, 1536)
@@ -403,9 +404,9 @@ def test_animation_uses_frame_zero_only(monkeypatch, fmt, cls, n):
     with Image.open(io.BytesIO(data)) as check:
         assert check.n_frames == n  # the file really is animated
     seen = _seek_spy(monkeypatch, cls)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     loaded = load_image(data)
-    assert time.perf_counter() - t0 < 0.5
+    assert time.process_time() - t0 < 0.5
     assert set(seen) <= {0}
     assert near(loaded.image.getpixel((8, 8)), (0, 0, 255), 8)
 
@@ -446,9 +447,9 @@ def test_metadata_bombs_are_ignored(name):
     # parses them, and EXIF failures only cost the orientation.
     data = METADATA_BOMBS[name]()
     assert len(data) <= DEFAULT_LIMITS.max_image_bytes
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     loaded = load_image(data)
-    assert time.perf_counter() - t0 < 2.0
+    assert time.process_time() - t0 < 2.0
     assert near(loaded.image.getpixel((16, 16)), (255, 0, 0), 8)
 
 
