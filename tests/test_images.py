@@ -4,8 +4,9 @@ Every test image is built here, in code (Pillow or hand-written bytes); nothing 
     .venv/bin/python -m pytest tests/test_images.py -q
 """
 
-from __future__ # Time limits below are on this process's CPU time, so other jobs on a shared CI machine cannot fail them.
-import annotations
+from __future__ import annotations
+
+# Time limits below are on this process's CPU time, so other jobs on a shared CI machine cannot fail them.
 
 import base64
 import functools
