@@ -1,0 +1,85 @@
+"""Golden checks on the committed demo bundle: 200 fixed test scenes, every figure at a floor just below
+what was measured when the bundle was built (qformer/demo/REPORT.md, golden.json beside it)."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from qformer.bundle import load_bundle
+from training.demo import DEMO_DIR
+
+BUNDLE = DEMO_DIR / "bundle"
+pytestmark = pytest.mark.skipif(not (BUNDLE / "qbridge.json").is_file(), reason="no demo bundle installed")
+N = 200
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    from training.evaluate import evaluate_bundle
+    from training.shapes import write_dataset
+
+    data = tmp_path_factory.mktemp("golden") / "data"
+    write_dataset(data, n=1, seed=0, n_val=1, n_test=N, n_heldout=1, size=(224, 224), progress=False)
+    t = time.time()
+    out = evaluate_bundle(load_bundle(BUNDLE), data, "test", N, progress=False)
+    out["wall_seconds"] = time.time() - t
+    return out
+
+
+def floors():
+    return json.loads((DEMO_DIR / "golden.json").read_text())
+
+
+def test_evaluates_in_under_two_minutes(results):
+    assert results["n_images"] == N
+    assert results["wall_seconds"] < 120
+
+
+def test_figures_hold(results):
+    f = floors()
+    got = {
+        "vqa_accuracy": results["vqa"]["accuracy"],
+        "detection_map50": results["detection"]["map50"],
+        "detection_map50_95": results["detection"]["map50_95"],
+        "retrieval_i2t_r1": results["retrieval"]["i2t_r1"],
+        "top_caption_precision": results["captions"]["best"]["precision"],
+        "top_caption_recall": results["captions"]["best"]["recall"],
+        "top_caption_cider": results["captions"]["best"]["cider"],
+    }
+    low = {k: (round(v, 4), f[k]) for k, v in got.items() if v < f[k]}
+    assert not low, low
+    precisions = [results["captions"][name]["precision"] for name in ("low", "fair", "good", "best")]
+    assert precisions[-1] > precisions[0]  # caption precision rises with the quality level
+
+
+def test_export_hf_gives_the_same_greedy_tokens(tmp_path):
+    from transformers import Blip2ForConditionalGeneration
+
+    from qformer.generation import GenerationConfig, generate
+    from qformer.hf_interop import export_hf
+    from qformer.prompts import caption_prompt, vqa_prompt
+    from training.shapes import make_scene, render
+
+    bundle = load_bundle(BUNDLE)
+    out = export_hf(BUNDLE, tmp_path / "hf")
+    hf = Blip2ForConditionalGeneration.from_pretrained(out, use_safetensors=True).eval()
+    images = [render(make_scene(0, "test", i)) for i in range(3)]
+    prompts = [caption_prompt(), vqa_prompt("how many shapes are there?"), "detect:"]
+    pixels = bundle.image_processor(images=images, return_tensors="pt").pixel_values
+    ours = generate(bundle.bridge, bundle.tokenizer, bundle.bridge.encode_images(pixels), prompts,
+                    config=GenerationConfig(max_new_tokens=24))
+    tok = bundle.tokenizer
+    image_token = hf.config.image_token_index
+    rows = [[image_token] * hf.config.num_query_tokens + tok(p).input_ids for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.full((3, width), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+    theirs = hf.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, width:].tolist()
+    for g, row in zip(ours, theirs):
+        row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+        assert g.token_ids == row
