@@ -227,6 +227,23 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
                              lr=lr, betas=(0.9, 0.95))
 
 
+
+def _run_metrics(losses: list[float], steps: int, start: float, cpu_start: float) -> dict:
+    """Timings and the loss curve (means over 10 steps) of a pretraining run."""
+    seconds = time.perf_counter() - start
+
+    def mean(xs):
+        return sum(xs) / max(1, len(xs))
+
+    return {
+        # cpu_seconds (all threads) next to wall seconds: on a shared machine the wall time says little
+        "steps": steps, "seconds": seconds, "seconds_per_step": seconds / max(1, steps),
+        "cpu_seconds": time.process_time() - cpu_start, "threads": torch.get_num_threads(),
+        "loss_curve": {s: mean(losses[max(0, s - 10):s]) for s in sorted({*range(50, steps + 1, 50), steps})},
+        "first_loss": mean(losses[:10]),
+        "final_loss": mean(losses[-10:]),
+    }
+
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -352,15 +369,8 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     bar.close()
-    seconds = time.perf_counter() - start
     metrics = {
-        # cpu_seconds (all threads) next to wall seconds: on a shared machine the wall time says little
-        "steps": steps, "seconds": seconds, "seconds_per_step": seconds / max(1, steps),
-        "cpu_seconds": time.process_time() - cpu_start, "threads": torch.get_num_threads(),
-        "loss_curve": {s: sum(losses[max(0, s - 10):s]) / len(losses[max(0, s - 10):s])
-                       for s in sorted({*range(50, steps + 1, 50), steps})},
-        "first_loss": sum(losses[:10]) / max(1, len(losses[:10])),
-        "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        **_run_metrics(losses, steps, start, cpu_start),
         "parameters": sum(p.numel() for p in model.parameters()),
         "val": evaluate_llm(model, tokenizer, seed, eval_scenes, max_len) if eval_scenes else {},
     }
@@ -715,15 +725,8 @@ def pretrain_vision(out_dir: str | Path | None = None, steps: int = 400, *, imag
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}",
                             T=f"{1 / model.logit_scale.exp().item():.3f}")
     bar.close()
-    seconds = time.perf_counter() - start
     metrics = {
-        # cpu_seconds (all threads) next to wall seconds: on a shared machine the wall time says little
-        "steps": steps, "seconds": seconds, "seconds_per_step": seconds / max(1, steps),
-        "cpu_seconds": time.process_time() - cpu_start, "threads": torch.get_num_threads(),
-        "loss_curve": {s: sum(losses[max(0, s - 10):s]) / len(losses[max(0, s - 10):s])
-                       for s in sorted({*range(50, steps + 1, 50), steps})},
-        "first_loss": sum(losses[:10]) / max(1, len(losses[:10])),
-        "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        **_run_metrics(losses, steps, start, cpu_start),
         "final_losses": {k: sum(v[-10:]) / len(v[-10:]) for k, v in terms.items()},
         "temperature": 1 / model.logit_scale.exp().item(),
         "parameters": sum(p.numel() for p in vision.parameters()),
