@@ -478,7 +478,7 @@ def _retrieval(bundle, feats: torch.Tensor, image_ids: list[int], caption_anns: 
     text_feats = []
     for b in range(0, len(texts), batch_size):
         enc = bundle.qformer_tokenizer(texts[b : b + batch_size], padding=True, truncation=True,
-                                       max_length=RETRIEVAL_MAX_LENGTH, padding_side="right", return_tensors="pt")
+                                       max_length=RETRIEVAL_MAX_LENGTH, return_tensors="pt")  # its own padding side, as trained
         out = bridge.qformer(AttentionMode.TEXT, input_ids=enc.input_ids.to(device),
                              attention_mask=enc.attention_mask.to(device))
         text_feats.append(bridge.qformer.text_features(out.text_output).float().cpu())  # (b, E)

@@ -70,6 +70,7 @@ def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
         qtok.add_special_tokens({"additional_special_tokens": [DEC_TOKEN]}, replace_extra_special_tokens=False)
     if qtok.pad_token is None:
         qtok.pad_token = qtok.eos_token
+    qtok.padding_side = "right"  # the [CLS] feature and the [DEC] start token sit at position 0
     base_vocab = 0
     if llm is not None:
         base_vocab = llm.get_input_embeddings().num_embeddings
@@ -92,7 +93,28 @@ def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
         num_loc_bins=m.num_loc_bins if llm is not None else 0,
         base_vocab_size=base_vocab,
     )
-    return Parts(Bridge(bcfg, vision, llm), tokenizer, qtok, image_processor)
+    bridge = Bridge(bcfg, vision, llm)
+    if llm is not None:
+        match_llm_embedding_scale(bridge)
+    return Parts(bridge, tokenizer, qtok, image_processor)
+
+
+@torch.no_grad()
+def match_llm_embedding_scale(bridge: Bridge) -> None:
+    """Start the projection at the scale of the LLM's own token embeddings.
+
+    The Q-Former's output is LayerNorm-ed (about unit size per dimension); a default-initialised Linear
+    maps it to vectors far larger than a small LLM's token embeddings (measured on the demo: norm 18 vs
+    0.34), and the frozen LLM then learns to ignore the prefix. With weights of std
+    rms(embeddings) / sqrt(H), the queries enter at the size of ordinary tokens.
+    """
+    emb = bridge.llm.get_input_embeddings().weight.float()
+    rms = emb.pow(2).mean().sqrt().item()
+    proj = bridge.language_projection
+    proj.weight.normal_(0.0, rms / proj.in_features**0.5)
+    proj.bias.zero_()
+    if bridge.quality_prompts is not None:
+        bridge.quality_prompts.normal_(0.0, rms)
 
 
 class Stage1(nn.Module):
