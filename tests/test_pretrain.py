@@ -10,8 +10,8 @@ from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 from qformer.prompts import caption_prompt, detect_prompt, vqa_prompt
 from training import pretrain
 from training.pretrain import (
-    PROMPT_WORDS, TINY_LLM, TINY_VISION, WORLD_WORDS, dataset_texts, llm_config, object_phrase, patch_weights,
-    pretrain_llm, pretrain_vision, train_tokenizer, twin_scene, world_texts,
+    PROMPT_WORDS, TINY_LLM, TINY_VISION, WORLD_WORDS, dataset_texts, detection_text, llm_config, object_phrase, patch_weights,
+    pretrain_llm, pretrain_vision, scene_description, train_tokenizer, twin_scene, world_documents, world_texts,
 )
 from training.shapes import (
     HELDOUT_PAIRS, LEVELS, SEEN_PAIRS, Obj, Scene, caption, make_scene, parse_caption, render, write_dataset,
@@ -58,8 +58,11 @@ def test_world_texts_formats_determinism_and_no_heldout_pairs():
     items = list(world_texts(3, 60, with_task=True))
     assert items == list(world_texts(3, 60, with_task=True))
     tasks = {t for t, _ in items}
-    assert tasks == {"caption", "vqa", "detect", "context"}
-    texts = [t for _, t in items]
+    assert tasks == {"caption", "vqa", "detect", "boxes"}
+    docs = list(world_documents(3, 60))
+    assert [t for t, _ in items] == [d[0] for d in docs]
+    assert [j for _, j in items] == [f"{c} {t}" if c else t for _, c, t in docs]
+    texts = [t for _, _, t in docs]
     assert any(t.startswith(caption_prompt() + " there are") for t in texts)
     assert any(t.startswith(vqa_prompt("how many shapes are there?")) for t in texts)
     assert any(t.startswith(detect_prompt() + " ") and "; " in t for t in texts)
@@ -71,10 +74,33 @@ def test_world_texts_formats_determinism_and_no_heldout_pairs():
 def test_dataset_texts_match_generated_texts(tmp_path):
     write_dataset(tmp_path, 6, seed=2, progress=False)  # 224 px, as world_texts' scenes
     from_files = set(dataset_texts(tmp_path))
-    generated = {t for task, t in world_texts(2, 6, with_task=True) if task != "context"}
+    generated = {text for _, _, text in world_documents(2, 6)}
     detects = {t for t in from_files if t.startswith("detect: ")}
     assert len(detects) == 6 and detects <= generated
     assert any(t.startswith("question: ") for t in from_files) and any(t.startswith("caption: ") for t in from_files)
+
+
+def test_documents_put_the_scene_with_its_boxes_before_the_text():
+    from qformer.boxes import BoxCodec
+
+    codec = BoxCodec(64)
+    scene = make_scene(5, "train", 2)
+    ctx = scene_description(scene, 64)
+    assert ctx.startswith(f"{scene.background} background.")
+    for o in scene.objects:
+        assert f"{o.size} {o.colour} {o.shape} {' '.join(map(str, codec.encode_box(o.box, 224, 224)))}." in ctx
+    boxes = detection_text(scene, Random(0), 64)
+    groups = boxes.removeprefix(detect_prompt() + " ").split("; ")
+    assert sorted(g.rsplit(" ", 4)[0] for g in groups) == sorted(o.label for o in scene.objects)
+    docs = list(world_documents(5, 40, noise=0.5))
+    with_ctx = [d for d in docs if d[1]]
+    assert 0.5 < len(with_ctx) / len(docs) < 0.95
+    assert all(ctx == scene_description(make_scene(5, "train", 0)) for _, ctx, _ in docs[:8] if ctx)
+    # a caption read with a context is that scene's clean caption (noise comes without a context)
+    by_ctx = {scene_description(make_scene(5, "train", i)): make_scene(5, "train", i) for i in range(40)}
+    for task, ctx, text in docs:
+        if task == "caption" and ctx:
+            assert text.removeprefix(caption_prompt() + " ") in {caption(by_ctx[ctx], lv) for lv in LEVELS}
 
 
 # ----------------------------------------------------------------------------- LLM

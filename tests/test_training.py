@@ -132,3 +132,35 @@ def test_two_processes_with_accelerate_launch(world, tmp_path):
 
     assert abs(log[0]["itc_loss"] - math.log(16)) < abs(log[0]["itc_loss"] - math.log(8))
     assert (tmp_path / "ddp" / "final" / "stage1.safetensors").is_file()
+
+
+class _NumberTokenizer:
+    """Maps " i" to one id per number (or two ids for numbers in `split`)."""
+
+    def __init__(self, first_id: int, split=()):
+        self.first_id, self.split = first_id, set(split)
+
+    def __call__(self, text, add_special_tokens=True):
+        from types import SimpleNamespace
+
+        i = int(text)
+        ids = [self.first_id + i] if i not in self.split else [self.first_id, self.first_id + 1]
+        return SimpleNamespace(input_ids=ids)
+
+
+def test_location_rows_start_at_the_llms_number_rows():
+    from tests.tiny import tiny_bridge
+    from training.train import init_location_rows_from_numbers
+
+    bridge, _, _ = tiny_bridge(num_loc_bins=4)
+    before = bridge.loc_embeddings.detach().clone()
+    assert not init_location_rows_from_numbers(bridge, _NumberTokenizer(3, split={2}))
+    assert torch.equal(bridge.loc_embeddings, before)  # a multi-token number: rows untouched
+    assert init_location_rows_from_numbers(bridge, _NumberTokenizer(3))
+    emb = bridge.llm.get_input_embeddings().base.weight
+    head = bridge.llm.get_output_embeddings().base.weight
+    assert torch.equal(bridge.loc_embeddings, emb[3:7].float())
+    assert torch.equal(bridge.loc_head, head[3:7].float())
+    ids = torch.tensor([[bridge.cfg.base_vocab_size + 1, 4]])  # <loc_1> embeds exactly as the number " 1"
+    out = bridge.llm.get_input_embeddings()(ids)
+    assert torch.equal(out[0, 0], out[0, 1])

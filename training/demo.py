@@ -33,10 +33,10 @@ class Plan:
     n_heldout: int = 300
     image_size: int = 128  # the vision encoder's input
     data_size: int = 224  # rendered scenes (the vision pretraining renders at 224 and resizes too)
-    llm_steps: int = 800
+    llm_steps: int = 1500
     vision_steps: int = 400
-    stage1_steps: int = 500
-    stage2_steps: int = 2200
+    stage1_steps: int = 800
+    stage2_steps: int = 3000
     ablation_steps: int = 300
     eval_n: int | None = None  # all test images
     seed: int = 0
@@ -78,8 +78,9 @@ def build(out: Path, plan: Plan, progress: bool = True) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     data, llm, vision = out / "data", out / "llm", out / "vision"
-    steps = Steps({"data": 1, "tokenizer": 0.1, "llm": 5, "vision": 6, "stage 1": 8, "quality": 1, "stage 2": 20,
-                   "evaluation": 4, "ablation": 8})
+    # Minutes each step took on 2 idle CPU cores (the ETA's weights).
+    steps = Steps({"data": 0.6, "tokenizer": 0.02, "llm": 7.5, "vision": 7, "stage 1": 8.5, "quality": 2,
+                   "stage 2": 13, "evaluation": 3, "ablation": 7})
     paths = [f"model.vision={vision}", f"model.llm={llm}", f"data.root={data}"]
 
     steps.run("data", data / "world.json", lambda: shapes.write_dataset(

@@ -11,8 +11,14 @@ and vision encoder; a Q-Former bridge is trained between them afterwards, exactl
 
 All text comes from the world's own generators (``training.shapes``), scene by scene from a seed, in the
 formats the bridge later uses: ``caption: <caption>``, ``question: <q> answer: <a>``, ``detect: <labels>``
-(labels only: location tokens belong to the bridge). Only train-split scenes are used, so the
-compositional held-out pairs (``shapes.HELDOUT_PAIRS``) never occur in any pretraining image or text.
+and ``detect: <label> x1 y1 x2 y2; ...`` (boxes as numbers in the bridge's 64 location bins). Most documents
+are read after a description of their scene (:func:`scene_description`) placed *before* ``<s>``, where the
+bridge later puts its queries, so that the frozen LLM has learned to take its answers from there. (Measured:
+an earlier demo LLM that saw a context in ~3 % of its texts did not read it: VQA answer loss 1.32 after the
+true caption, 1.33 after another scene's. ``evaluate_llm`` reports this gap as ``wrong_context_*``.) The bridge's
+``<loc_i>`` rows start at the rows of the numbers ``" i"`` (``training.train.init_location_rows_from_numbers``).
+Only train-split scenes are used, so the compositional held-out pairs (``shapes.HELDOUT_PAIRS``) never occur
+in any pretraining image or text.
 
 The vision encoder (``Blip2VisionModel``, 128 px, 16 px patches: an 8x8 grid) learns CLIP-style against a
 throwaway text tower: image vs caption, plus each object's box-pooled patch tokens vs its phrase, with
@@ -36,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from qformer.boxes import BoxCodec
 from qformer.prompts import caption_prompt, detect_prompt, vqa_prompt
 from training import shapes
 from training.shapes import (
@@ -44,6 +51,8 @@ from training.shapes import (
 )
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+# The demo bridge's location bins (training/configs/demo_stage2.json); the LLM reads boxes as these numbers.
+LOC_BINS = 64
 # Pre-tokenisation: a word with an optional trailing colon ("caption:", " answer:"), a number, a run of
 # punctuation, or whitespace; each with its leading space (GPT-2 style). Keeping the colon on the word
 # makes every task prompt word a single token; "circle." still splits into " circle" + ".".
@@ -52,7 +61,7 @@ PRETOKENIZE_PATTERN = r" ?[A-Za-z]+:?| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+"
 # or never shows (counts above four, "middle") still become single tokens.
 WORLD_WORDS = tuple(dict.fromkeys(
     list(SHAPES) + list(PLURALS.values()) + list(COLOURS) + list(SIZES) + list(BACKGROUNDS)
-    + list(NUMBER_WORDS) + [str(i) for i in range(11)] + list(ROWS) + list(COLS)
+    + list(NUMBER_WORDS) + [str(i) for i in range(max(11, LOC_BINS))] + list(ROWS) + list(COLS)
     + " ".join(POSITION_PHRASES.values()).split()
     + "there is are shape shapes object objects background a an and how many what where colour size yes no".split()
 ))
@@ -71,45 +80,82 @@ def _reading_order(scene: Scene) -> list[Obj]:
                                                 o.box[1], o.box[0]))
 
 
-def scene_texts(scene: Scene, rng: Random, noise: float = 0.1,
-                pairs: tuple[tuple[str, str], ...] = SEEN_PAIRS) -> list[tuple[str, str]]:
-    """Task-formatted texts about one scene, as ``(task, text)`` pairs (no bos/eos).
+def scene_description(scene: Scene, bins: int = LOC_BINS) -> str:
+    """The scene as the LLM reads it before ``<s>`` in pretraining, where the bridge's queries sit later.
 
-    Tasks: ``caption`` (one per level; web-like noise at rate ``noise``, so generic text is in the LLM's
-    distribution too), ``vqa`` (five questions), ``detect`` (all labels in reading order, and now and then the
-    label-conditioned prompt), ``context`` (now and then a caption followed by questions about the same scene,
-    so that the LLM learns to read attributes from its context, the way it later reads the queries).
+    Background, then each object in reading order as ``size colour shape x1 y1 x2 y2`` with the corners in
+    the bridge's location bins (``BoxCodec(bins)``), so that everything a task asks about is in the context.
     """
-    out = [("caption", f"{caption_prompt()} {c['caption']}") for c in training_captions(scene, rng, noise, pairs)]
-    qs = questions(scene, rng, 5, pairs)
-    out += [("vqa", f"{vqa_prompt(q['question'])} {q['answer']}") for q in qs]
+    codec = BoxCodec(bins)
+    parts = [f"{scene.background} background."]
+    for o in _reading_order(scene):
+        x1, y1, x2, y2 = codec.encode_box(o.box, scene.width, scene.height)
+        parts.append(f"{o.size} {o.colour} {o.shape} {x1} {y1} {x2} {y2}.")
+    return " ".join(parts)
+
+
+def detection_text(scene: Scene, rng: Random, bins: int = LOC_BINS) -> str:
+    """``detect: label x1 y1 x2 y2; ...`` in a random order: the bridge's detection sequence with the
+    location tokens written as numbers (the bridge's location rows start at these numbers' rows)."""
+    codec = BoxCodec(bins)
+    objs = list(scene.objects)
+    rng.shuffle(objs)
+    boxes = [(o.label, codec.encode_box(o.box, scene.width, scene.height)) for o in objs]
+    return f"{detect_prompt()} " + "; ".join(f"{label} {' '.join(map(str, b))}" for label, b in boxes)
+
+
+def scene_documents(scene: Scene, rng: Random, noise: float = 0.1, pairs: tuple[tuple[str, str], ...] = SEEN_PAIRS,
+                    bins: int = LOC_BINS, context: float = 0.8) -> list[tuple[str, str, str]]:
+    """Task-formatted documents about one scene, as ``(task, context, text)`` (no bos/eos).
+
+    ``context`` is :func:`scene_description` (with probability ``context``; else ``""``); the LLM reads it
+    before ``<s>`` and ``text`` after it, so it learns to take every attribute, count and box from what
+    precedes ``<s>``: the place where the bridge later puts its queries. Tasks: ``caption`` (one per
+    level; without a context, web-like noise at rate ``noise`` keeps generic text in the LLM's
+    distribution), ``vqa`` (five questions), ``detect`` (labels in reading order, now and then the
+    label-conditioned prompt, and boxes as numbers, always with the context).
+    """
+    ctx = scene_description(scene, bins)
+    out = []
+    for c in training_captions(scene, rng, noise, pairs):
+        with_ctx = c["noise"] == "none" and rng.random() < context
+        out.append(("caption", ctx if with_ctx else "", f"{caption_prompt()} {c['caption']}"))
+    for q in questions(scene, rng, 5, pairs):
+        out.append(("vqa", ctx if rng.random() < context else "", f"{vqa_prompt(q['question'])} {q['answer']}"))
     labels = [o.label for o in _reading_order(scene)]
-    out.append(("detect", f"{detect_prompt()} {'; '.join(labels)}"))
+    out.append(("detect", ctx if rng.random() < context else "", f"{detect_prompt()} {'; '.join(labels)}"))
     if rng.random() < 0.3:
         wanted = sorted(set(rng.sample(labels, rng.randint(1, len(labels)))))
-        out.append(("detect", f"{detect_prompt(wanted)} {'; '.join(x for x in labels if x in wanted)}"))
-    if rng.random() < 0.3 and qs:
-        parts = [f"{caption_prompt()} {caption(scene, 'normal')}"]  # normal + two questions fit 64 tokens
-        parts += [f"{vqa_prompt(q['question'])} {q['answer']}" for q in rng.sample(qs, min(2, len(qs)))]
-        out.append(("context", " ".join(parts)))
+        out.append(("detect", ctx, f"{detect_prompt(wanted)} {'; '.join(x for x in labels if x in wanted)}"))
+    out.append(("boxes", ctx, detection_text(scene, rng, bins)))
     return out
 
 
-def world_texts(seed: int = 0, n_scenes: int | None = None, *, split: str = "train", noise: float = 0.1,
-                start: int = 0, max_objects: int = 4, with_task: bool = False) -> Iterator:
-    """Texts about scenes ``start, start+1, ...`` of ``split`` (endless when ``n_scenes`` is None).
+def world_documents(seed: int = 0, n_scenes: int | None = None, *, split: str = "train", noise: float = 0.1,
+                    start: int = 0, max_objects: int = 4, bins: int = LOC_BINS,
+                    context: float = 0.8) -> Iterator[tuple[str, str, str]]:
+    """:func:`scene_documents` of scenes ``start, start+1, ...`` of ``split`` (endless when ``n_scenes`` is None).
 
-    Deterministic by ``(seed, split, index)``, like the scenes themselves. Yields strings, or
-    ``(task, text)`` pairs with ``with_task``. Held-out colour-shape pairs appear only for ``split="heldout"``.
+    Deterministic by ``(seed, split, index)``, like the scenes themselves. Held-out colour-shape pairs
+    appear only for ``split="heldout"``.
     """
     pairs = shapes.ALL_PAIRS if split == "heldout" else SEEN_PAIRS
     index = start
     while n_scenes is None or index < start + n_scenes:
         scene = make_scene(seed, split, index, max_objects=max_objects)
         rng = Random(f"qbridge-pretrain/{seed}/{split}/{index}/text")
-        for task, text in scene_texts(scene, rng, noise if split == "train" else 0.0, pairs):
-            yield (task, text) if with_task else text
+        yield from scene_documents(scene, rng, noise if split == "train" else 0.0, pairs, bins, context)
         index += 1
+
+
+def world_texts(seed: int = 0, n_scenes: int | None = None, *, split: str = "train", noise: float = 0.1,
+                start: int = 0, max_objects: int = 4, with_task: bool = False) -> Iterator:
+    """The documents of :func:`world_documents` as single strings (context, a space, text), e.g. for the
+    tokenizer; ``(task, string)`` pairs with ``with_task``."""
+    for task, ctx, text in world_documents(seed, n_scenes, split=split, noise=noise, start=start,
+                                           max_objects=max_objects):
+        joined = f"{ctx} {text}" if ctx else text
+        yield (task, joined) if with_task else joined
 
 
 def dataset_texts(data_dir: str | Path, split: str = "train") -> list[str]:
@@ -199,8 +245,19 @@ def _encode(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
     return [(x + [tokenizer.eos_token_id])[:max_len] for x in ids]
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right padding: every sequence starts at position 0, as after the bridge's prefix."""
+def _encode_documents(tokenizer, docs: Sequence[tuple[str, str]], max_len: int) -> list[tuple[list[int], int]]:
+    """``context <s> text </s>`` ids and the context's length (in tokens), cut to ``max_len``."""
+    rows = []
+    for ctx, text in docs:
+        c = tokenizer(ctx, add_special_tokens=False).input_ids if ctx else []
+        rows.append(((c + _encode(tokenizer, [text], max_len)[0])[:max_len], len(c)))
+    return rows
+
+
+def _pad(rows: list[list[int]], pad_id: int,
+         context: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right padding: every sequence starts at position 0, as after the bridge's prefix. Labels are -100
+    on padding and on the first ``context[i]`` tokens of row ``i`` (read, not predicted)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -208,6 +265,8 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
     labels = ids.masked_fill(mask == 0, -100)
+    for i, n in enumerate(context or ()):
+        labels[i, :n] = -100
     return ids, mask, labels
 
 
@@ -267,31 +326,34 @@ def llm_config(tokenizer, *, hidden_size: int = 256, num_layers: int = 4, num_he
 
 
 class _TextBatches:
-    """Length-grouped batches of ``<s> text </s>`` ids: a pool of ``pool`` batches is drawn, sorted by
-    length, cut into batches and shuffled, so that little compute goes to padding and each sequence still
-    starts at position 0 (no packing: the LLM never learns to ignore what comes before ``<s>``)."""
+    """Length-grouped batches of ``context <s> text </s>`` rows: a pool of ``pool`` batches is drawn, sorted
+    by length, cut into batches and shuffled, so that little compute goes to padding. No packing: only a
+    scene's own description ever precedes its ``<s>``."""
 
-    def __init__(self, texts: Iterator[str], tokenizer, batch_size: int, max_len: int, rng: Random, pool: int = 8):
-        self.texts, self.tokenizer, self.batch_size, self.max_len = texts, tokenizer, batch_size, max_len
+    def __init__(self, docs: Iterator[tuple[str, str]], tokenizer, batch_size: int, max_len: int, rng: Random,
+                 pool: int = 8):
+        self.docs, self.tokenizer, self.batch_size, self.max_len = docs, tokenizer, batch_size, max_len
         self.rng, self.pool = rng, pool
-        self.ready: list[list[list[int]]] = []
+        self.ready: list[list[tuple[list[int], int]]] = []
 
-    def __next__(self) -> list[list[int]]:
+    def __next__(self) -> list[tuple[list[int], int]]:
         if not self.ready:
-            texts = [next(self.texts) for _ in range(self.batch_size * self.pool)]
-            rows = sorted(_encode(self.tokenizer, texts, self.max_len), key=len)
+            docs = [next(self.docs) for _ in range(self.batch_size * self.pool)]
+            rows = sorted(_encode_documents(self.tokenizer, docs, self.max_len), key=lambda r: len(r[0]))
             self.ready = [rows[i: i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
             self.rng.shuffle(self.ready)
         return self.ready.pop()
 
 
-def _text_stream(data, seed: int, noise: float, rng: Random) -> Iterator[str]:
+def _text_stream(data, seed: int, noise: float, rng: Random) -> Iterator[tuple[str, str]]:
+    """Endless ``(context, text)`` documents: generated scene by scene, or plain texts (no context)."""
     if data is None:
-        gen = world_texts(seed, noise=noise)
-        buf: list[str] = []
-        while True:  # a scene's texts are spread over batches, not side by side
+        gen = world_documents(seed, noise=noise)
+        buf: list[tuple[str, str]] = []
+        while True:  # a scene's documents are spread over batches, not side by side
             while len(buf) < 4096:
-                buf.append(next(gen))
+                _, ctx, text = next(gen)
+                buf.append((ctx, text))
             i = rng.randrange(len(buf))
             buf[i], buf[-1] = buf[-1], buf[i]
             yield buf.pop()
@@ -299,36 +361,45 @@ def _text_stream(data, seed: int, noise: float, rng: Random) -> Iterator[str]:
     while True:
         order = list(range(len(texts)))
         rng.shuffle(order)
-        yield from (texts[i] for i in order)
+        yield from (("", texts[i]) for i in order)
 
 
 @torch.no_grad()
-def evaluate_llm(model, tokenizer, seed: int = 0, n_scenes: int = 200, max_len: int = 64,
+def evaluate_llm(model, tokenizer, seed: int = 0, n_scenes: int = 200, max_len: int = 128,
                  batch_size: int = 64) -> dict[str, float]:
-    """Per-token loss and perplexity on clean val-split text, overall and per task."""
+    """Per-token loss and perplexity on clean val-split documents, overall and per task; and, for the
+    documents read with a context, the same loss with another scene's description in its place
+    (``wrong_context_<task>_loss``): the gap says how much the LLM takes from its context."""
     model.eval()
-    items = list(world_texts(seed, n_scenes, split="val", with_task=True))
-    sums: Counter = Counter()
-    counts: Counter = Counter()
-    for i in range(0, len(items), batch_size):
-        chunk = items[i: i + batch_size]
-        ids, mask, labels = _pad(_encode(tokenizer, [t for _, t in chunk], max_len), tokenizer.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none", ignore_index=-100)
-        valid = (labels[:, 1:] != -100).float()
-        for (task, _), row, n in zip(chunk, (nll * valid).sum(1), valid.sum(1)):
-            sums[task] += row.item()
-            counts[task] += n.item()
+    docs = list(world_documents(seed, n_scenes, split="val"))
+    with_ctx = [d for d in docs if d[1]]
+    swapped = [(task, with_ctx[(i + len(with_ctx) // 2) % len(with_ctx)][1], text)
+               for i, (task, _, text) in enumerate(with_ctx)]
+    out: dict[str, float] = {}
+    for prefix, items in (("", docs), ("context_", with_ctx), ("wrong_context_", swapped)):
+        sums: Counter = Counter()
+        counts: Counter = Counter()
+        for i in range(0, len(items), batch_size):
+            chunk = items[i: i + batch_size]
+            rows = _encode_documents(tokenizer, [(c, t) for _, c, t in chunk], max_len)
+            ids, mask, labels = _pad([r for r, _ in rows], tokenizer.pad_token_id, [n for _, n in rows])
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none", ignore_index=-100)
+            valid = (labels[:, 1:] != -100).float()
+            for (task, _, _), row, n in zip(chunk, (nll * valid).sum(1), valid.sum(1)):
+                sums[task] += row.item()
+                counts[task] += n.item()
+        out.update({f"{prefix}{t}_loss": sums[t] / counts[t] for t in sorted(counts)})
+        if not prefix:
+            out["loss"] = sum(sums.values()) / sum(counts.values())
+            out["perplexity"] = math.exp(out["loss"])
     model.train()
-    out = {f"{t}_loss": sums[t] / counts[t] for t in sorted(counts)}
-    out["loss"] = sum(sums.values()) / sum(counts.values())
-    out["perplexity"] = math.exp(out["loss"])
     return out
 
 
 def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, steps: int = 800, *, seed: int = 0,
                  batch_size: int = 64, lr: float = 2e-3, warmup: int | None = None, weight_decay: float = 0.1,
-                 max_len: int = 64, noise: float = 0.1, hidden_size: int = 256, num_layers: int = 4,
+                 max_len: int = 128, noise: float = 0.1, hidden_size: int = 256, num_layers: int = 4,
                  num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 688,
                  eval_scenes: int = 200, progress: bool = True) -> dict:
     """Train a small ``LlamaForCausalLM`` from scratch on world text; save it with its tokenizer.
@@ -358,7 +429,8 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
     start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(range(steps), desc="llm", unit="step", disable=not progress)
     for step in bar:
-        ids, mask, labels = _pad(next(batches), tokenizer.pad_token_id)
+        rows = next(batches)
+        ids, mask, labels = _pad([r for r, _ in rows], tokenizer.pad_token_id, [n for _, n in rows])
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -96,6 +96,8 @@ def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
     bridge = Bridge(bcfg, vision, llm)
     if llm is not None:
         match_llm_embedding_scale(bridge)
+        if bcfg.num_loc_bins:
+            init_location_rows_from_numbers(bridge, tokenizer)
     return Parts(bridge, tokenizer, qtok, image_processor)
 
 
@@ -115,6 +117,22 @@ def match_llm_embedding_scale(bridge: Bridge) -> None:
     proj.bias.zero_()
     if bridge.quality_prompts is not None:
         bridge.quality_prompts.normal_(0.0, rms)
+
+
+@torch.no_grad()
+def init_location_rows_from_numbers(bridge: Bridge, tokenizer) -> bool:
+    """Start `<loc_i>`'s input and output rows at the LLM's own rows for the number " i", when every bin's
+    number is one token of its vocabulary (the demo LLM was pretrained reading and writing boxes as such
+    numbers: `training.pretrain.detection_text`); otherwise the rows keep the Bridge's neutral mean init.
+    Returns whether the rows were copied."""
+    n = bridge.cfg.num_loc_bins
+    ids = [tokenizer(f" {i}", add_special_tokens=False).input_ids for i in range(n)]
+    if any(len(x) != 1 or x[0] >= bridge.cfg.base_vocab_size for x in ids):
+        return False
+    rows = torch.tensor([x[0] for x in ids])
+    bridge.loc_embeddings.copy_(bridge.llm.get_input_embeddings().base.weight[rows].float())
+    bridge.loc_head.copy_(bridge.llm.get_output_embeddings().base.weight[rows].float())
+    return True
 
 
 class Stage1(nn.Module):
