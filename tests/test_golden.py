@@ -2,52 +2,33 @@
 what was measured when the bundle was built (qformer/demo/REPORT.md, golden.json beside it)."""
 
 import json
-import time
 
 import pytest
 import torch
 
 from qformer.bundle import load_bundle
-from training.demo import DEMO_DIR
+from training.demo import DEMO_DIR, GOLDEN_SCENES, golden_figures, golden_results
 
 BUNDLE = DEMO_DIR / "bundle"
 pytestmark = pytest.mark.skipif(not (BUNDLE / "qbridge.json").is_file(), reason="no demo bundle installed")
-N = 200
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from training.evaluate import evaluate_bundle
-    from training.shapes import write_dataset
-
-    data = tmp_path_factory.mktemp("golden") / "data"
-    write_dataset(data, n=1, seed=0, n_val=1, n_test=N, n_heldout=1, size=(224, 224), progress=False)
-    t = time.time()
-    out = evaluate_bundle(load_bundle(BUNDLE), data, "test", N, progress=False)
-    out["wall_seconds"] = time.time() - t
-    return out
-
-
-def floors():
-    return json.loads((DEMO_DIR / "golden.json").read_text())
+    return golden_results(BUNDLE, tmp_path_factory.mktemp("golden") / "data")
 
 
 def test_evaluates_in_under_two_minutes(results):
-    assert results["n_images"] == N
+    assert results["n_images"] == GOLDEN_SCENES
     assert results["wall_seconds"] < 120
 
 
 def test_figures_hold(results):
-    f = floors()
-    got = {
-        "vqa_accuracy": results["vqa"]["accuracy"],
-        "detection_map50": results["detection"]["map50"],
-        "detection_map50_95": results["detection"]["map50_95"],
-        "retrieval_i2t_r1": results["retrieval"]["i2t_r1"],
-        "top_caption_precision": results["captions"]["best"]["precision"],
-        "top_caption_recall": results["captions"]["best"]["recall"],
-        "top_caption_cider": results["captions"]["best"]["cider"],
-    }
+    golden = json.loads((DEMO_DIR / "golden.json").read_text())
+    f = golden["floors"]
+    assert set(f) == set(golden_figures(results)) and golden["scenes"] == GOLDEN_SCENES
+    assert all(golden["measured"][k] - f[k] <= 0.02 + 1e-9 for k in f)  # floors sit just below measurements
+    got = golden_figures(results)
     low = {k: (round(v, 4), f[k]) for k, v in got.items() if v < f[k]}
     assert not low, low
     precisions = [results["captions"][name]["precision"] for name in ("low", "fair", "good", "best")]

@@ -22,6 +22,10 @@ from training.config import CONFIG_DIR, load_config
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "qformer" / "demo"
 MAX_BUNDLE_MB = 40
+# The golden test (tests/test_golden.py): the first GOLDEN_SCENES test scenes of seed 0, each figure
+# asserted at the value measured at install time minus GOLDEN_MARGIN.
+GOLDEN_SCENES = 200
+GOLDEN_MARGIN = 0.02
 
 
 @dataclass
@@ -34,7 +38,7 @@ class Plan:
     image_size: int = 128  # the vision encoder's input
     data_size: int = 224  # rendered scenes (the vision pretraining renders at 224 and resizes too)
     llm_steps: int = 1500
-    vision_steps: int = 400
+    vision_steps: int = 1300
     stage1_steps: int = 800
     stage2_steps: int = 3000
     ablation_steps: int = 300
@@ -79,7 +83,7 @@ def build(out: Path, plan: Plan, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     data, llm, vision = out / "data", out / "llm", out / "vision"
     # Minutes each step took on 2 idle CPU cores (the ETA's weights).
-    steps = Steps({"data": 0.6, "tokenizer": 0.02, "llm": 7.5, "vision": 7, "stage 1": 8.5, "quality": 2,
+    steps = Steps({"data": 0.6, "tokenizer": 0.02, "llm": 7.5, "vision": 16, "stage 1": 8.5, "quality": 2,
                    "stage 2": 13, "evaluation": 3, "ablation": 7})
     paths = [f"model.vision={vision}", f"model.llm={llm}", f"data.root={data}"]
 
@@ -185,6 +189,48 @@ def write_report(out: Path, plan: Plan) -> None:
     (out / "report_all.json").write_text(json.dumps({"eval": results, "ablation": ablation}, indent=2))
 
 
+def golden_figures(results: dict) -> dict[str, float]:
+    """The figures the golden test holds a bundle to, from an `evaluate_bundle` result."""
+    captions = results["captions"]
+    top = list(captions)[-1]
+    return {
+        "vqa_accuracy": results["vqa"]["accuracy"],
+        "detection_map50": results["detection"]["map50"],
+        "detection_map50_95": results["detection"]["map50_95"],
+        "retrieval_i2t_r1": results["retrieval"]["i2t_r1"],
+        "top_caption_precision": captions[top]["precision"],
+        "top_caption_recall": captions[top]["recall"],
+        "top_caption_cider": captions[top]["cider"],
+    }
+
+
+def golden_results(bundle_dir: Path, data_dir: Path, n: int = GOLDEN_SCENES, progress: bool = False) -> dict:
+    """Evaluate a bundle on the golden scenes (written into `data_dir`), with the wall time it took."""
+    from qformer.bundle import load_bundle
+    from training.evaluate import evaluate_bundle
+    from training.shapes import write_dataset
+
+    write_dataset(data_dir, n=1, seed=0, n_val=1, n_test=n, n_heldout=1, size=(224, 224), progress=False)
+    t = time.time()
+    out = evaluate_bundle(load_bundle(bundle_dir), data_dir, "test", n, progress=progress)
+    out["wall_seconds"] = time.time() - t
+    return out
+
+
+def write_golden(bundle_dir: Path, target: Path) -> dict:
+    """Measure the golden figures of `bundle_dir` and write them with their floors to `target`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = golden_results(bundle_dir, Path(tmp) / "data", progress=True)
+    measured = golden_figures(results)
+    golden = {"scenes": GOLDEN_SCENES, "margin": GOLDEN_MARGIN, "wall_seconds": round(results["wall_seconds"], 1),
+              "measured": {k: round(v, 4) for k, v in measured.items()},
+              "floors": {k: round(max(0.0, v - GOLDEN_MARGIN), 4) for k, v in measured.items()}}
+    target.write_text(json.dumps(golden, indent=2) + "\n")
+    return golden
+
+
 def install(out: Path, target: Path = DEMO_DIR) -> None:
     bundle = out / "stage2" / "bundle"
     size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()) / 2**20
@@ -196,7 +242,8 @@ def install(out: Path, target: Path = DEMO_DIR) -> None:
     shutil.copytree(bundle, target / "bundle")
     for name in ("REPORT.md", "report_all.json"):
         shutil.copy(out / name, target / name)
-    print(f"installed the demo bundle ({size:.1f} MB) into {target}")
+    golden = write_golden(target / "bundle", target / "golden.json")
+    print(f"installed the demo bundle ({size:.1f} MB) into {target}; golden figures: {golden['measured']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="a minutes-long smoke build with tiny sizes")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("overrides", nargs="*", help="section.field=value applied to both stage configs")
+    i = sub.add_parser("install", help="copy a finished build's bundle and report into qformer/demo/ and "
+                                       "measure the golden figures")
+    i.add_argument("--out", default="build/demo", help="the build directory")
     args = p.parse_args(argv)
+    if args.cmd == "install":
+        install(Path(args.out))
+        return 0
     import dataclasses
 
     plan = dataclasses.replace(QUICK if args.quick else Plan(), seed=args.seed, overrides=list(args.overrides))
