@@ -55,11 +55,11 @@ def caption_main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model",
         default=os.environ.get("QBRIDGE_MODEL"),
-        help="bundle directory (default: $QBRIDGE_MODEL)",
+        help="bundle directory (default: $QBRIDGE_MODEL, else the embedded demo model)",
     )
     p.add_argument("--max-new-tokens", type=int, default=30)
     p.add_argument("--quality", default=None, help="quality level number or name (default: the highest)")
-    p.add_argument("--prompt", default="", help="text the caption continues from")
+    p.add_argument("--prompt", default=None, help="text the caption continues from (default: the caption task prompt)")
     p.add_argument(
         "--url",
         default=None,
@@ -74,13 +74,16 @@ def caption_main(argv: list[str] | None = None) -> int:
         if args.prompt:
             p.error("--prompt is not supported with --url (the server writes the caption prompt)")
         return _caption_over_http(args)
-    if not args.model:
-        p.error("no model: pass --model BUNDLE or set QBRIDGE_MODEL")
-
     from PIL import Image, ImageOps
 
-    from qformer.bundle import load_bundle
+    from qformer.bundle import DEMO_BUNDLE, load_bundle
     from qformer.generation import GenerationConfig, generate
+    from qformer.prompts import caption_prompt
+
+    if not args.model:
+        if not (DEMO_BUNDLE / "qbridge.json").is_file():
+            p.error(f"no model: pass --model BUNDLE or set QBRIDGE_MODEL (no demo bundle at {DEMO_BUNDLE})")
+        args.model = str(DEMO_BUNDLE)
 
     bundle = load_bundle(args.model)
     cfg = bundle.config
@@ -91,8 +94,9 @@ def caption_main(argv: list[str] | None = None) -> int:
         image = ImageOps.exif_transpose(im).convert("RGB")
     pixels = bundle.image_processor(images=[image], return_tensors="pt").pixel_values
     feats = bundle.bridge.encode_images(pixels)
+    prompt = caption_prompt() if args.prompt is None else args.prompt
     (out,) = generate(
-        bundle.bridge, bundle.tokenizer, feats, [args.prompt], quality, GenerationConfig(max_new_tokens=args.max_new_tokens)
+        bundle.bridge, bundle.tokenizer, feats, [prompt], quality, GenerationConfig(max_new_tokens=args.max_new_tokens)
     )
     print(out.text)
     return 0

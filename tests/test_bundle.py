@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from qformer.bundle import BundleError, load_bundle, save_bundle, weights_sha256
 from qformer.config import ComponentRef
 from qformer.generation import GenerationConfig, generate
+from qformer.prompts import caption_prompt
 from tests.tiny import scene, tiny_bridge
 
 
@@ -103,7 +104,7 @@ def test_cli_caption_and_help(saved, tmp_path):
                           "--max-new-tokens", "8", "--quality", "q2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     f = bridge.encode_images(proc(images=[scene(0)], return_tensors="pt").pixel_values)
-    (want,) = generate(bridge, tok, f, [""], [2], GenerationConfig(max_new_tokens=8))
+    (want,) = generate(bridge, tok, f, [caption_prompt()], [2], GenerationConfig(max_new_tokens=8))
     assert out.stdout.strip() == want.text
     listing = subprocess.run([sys.executable, "-m", "qformer.cli", "--help"], capture_output=True, text=True, timeout=300)
     for name in ("caption", "convert", "export-hf"):
