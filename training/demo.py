@@ -56,8 +56,9 @@ QUICK = Plan(n_train=64, n_test=8, n_heldout=4, image_size=64, data_size=64, llm
 class Steps:
     """Prints each step with the elapsed time and a running ETA from the planned step weights."""
 
-    def __init__(self, weights: dict[str, float]):
+    def __init__(self, weights: dict[str, float], log: Path | None = None):
         self.weights, self.done, self.t0 = weights, 0.0, time.time()
+        self.log = log  # JSON {step: seconds} of the steps run here (a resumed build keeps earlier entries)
 
     def run(self, name: str, marker: Path, fn) -> None:
         total = sum(self.weights.values())
@@ -71,6 +72,10 @@ class Steps:
             t = time.time()
             fn()
             print(f"    {name}: {time.time() - t:.0f} s", flush=True)
+            if self.log is not None:
+                seconds = json.loads(self.log.read_text()) if self.log.exists() else {}
+                seconds[name] = round(time.time() - t, 1)
+                self.log.write_text(json.dumps(seconds, indent=2))
         self.done += self.weights[name]
 
 
@@ -84,7 +89,7 @@ def build(out: Path, plan: Plan, progress: bool = True) -> Path:
     data, llm, vision = out / "data", out / "llm", out / "vision"
     # Minutes each step took on 2 idle CPU cores (the ETA's weights).
     steps = Steps({"data": 0.6, "tokenizer": 0.02, "llm": 7.5, "vision": 16, "stage 1": 8.5, "quality": 2,
-                   "stage 2": 13, "evaluation": 3, "ablation": 7})
+                   "stage 2": 13, "evaluation": 3, "ablation": 7}, out / "timings.json")
     paths = [f"model.vision={vision}", f"model.llm={llm}", f"data.root={data}"]
 
     steps.run("data", data / "world.json", lambda: shapes.write_dataset(
@@ -171,9 +176,14 @@ def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path,
 
 def write_report(out: Path, plan: Plan) -> None:
     from training.evaluate import report_markdown
+    from training.probe import run as probe
 
     results = json.loads((out / "report.json").read_text())
     ablation = json.loads((out / "ablation.json").read_text())
+    frozen = {part: json.loads((out / part / "pretrain.json").read_text())["metrics"]["val"]
+              for part in ("llm", "vision")}
+    probes = probe(str(out / "features" / "features.safetensors"), str(out / "data" / "scenes_train.json"))
+    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
     lines = ["# Demo model report", "",
              f"Built by `qbridge demo build` (seed {plan.seed}, {plan.n_train} training scenes with "
              f"{plan.noise:.0%} noisy captions). Figures on the clean test split ({results['test']['n_images']} "
@@ -185,8 +195,25 @@ def write_report(out: Path, plan: Plan) -> None:
              "| variant | precision | recall | CIDEr | BLEU-4 |", "|---|---|---|---|---|"]
     for name, r in ablation.items():
         lines.append(f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cider']:.3f} | {r['bleu4']:.3f} |")
+    lines += ["", "## The frozen parts", "",
+              "What the bridge can pass on is bounded by them. LLM: per-token loss on clean val documents read "
+              "after their own scene description (`context_*`) and after another scene's (`wrong_context_*`); "
+              "a gap means the LLM takes that task's answer from what precedes `<s>`, where the queries go.", "",
+              "| task | own context | another scene's |", "|---|---:|---:|"]
+    llm = frozen["llm"]
+    for task in sorted(k[len("context_"):-len("_loss")] for k in llm if k.startswith("context_")):
+        lines.append(f"| {task} | {llm[f'context_{task}_loss']:.3f} | {llm[f'wrong_context_{task}_loss']:.3f} |")
+    lines += ["", "Vision encoder: its own validation figures, and linear probes of its features "
+              "(`python -m training.probe`, exact-set accuracy of each scene's colours / shapes / sizes):", "",
+              "| figure | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in frozen["vision"].items()]
+    lines += [f"| probe {attr} ({view}) | {acc:.3f} |" for attr, views in probes.items() for view, acc in views.items()]
+    if timings:
+        lines += ["", "## Build time", "", "| step | seconds |", "|---|---:|"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()] + [f"| total | {sum(timings.values()):.0f} |"]
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
-    (out / "report_all.json").write_text(json.dumps({"eval": results, "ablation": ablation}, indent=2))
+    (out / "report_all.json").write_text(json.dumps({"eval": results, "ablation": ablation, "frozen": frozen,
+                                                     "probes": probes, "timings": timings}, indent=2))
 
 
 def golden_figures(results: dict) -> dict[str, float]:
