@@ -38,7 +38,7 @@ class Plan:
     image_size: int = 128  # the vision encoder's input
     data_size: int = 224  # rendered scenes (the vision pretraining renders at 224 and resizes too)
     llm_steps: int = 1500
-    vision_steps: int = 1300
+    vision_steps: int = 400
     stage1_steps: int = 800
     stage2_steps: int = 3000
     ablation_steps: int = 300
@@ -88,7 +88,7 @@ def build(out: Path, plan: Plan, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     data, llm, vision = out / "data", out / "llm", out / "vision"
     # Minutes each step took on 2 idle CPU cores (the ETA's weights).
-    steps = Steps({"data": 0.6, "tokenizer": 0.02, "llm": 7.5, "vision": 16, "stage 1": 8.5, "quality": 2,
+    steps = Steps({"data": 0.6, "tokenizer": 0.02, "llm": 7.5, "vision": 5, "stage 1": 8.5, "quality": 2,
                    "stage 2": 13, "evaluation": 3, "ablation": 7}, out / "timings.json")
     paths = [f"model.vision={vision}", f"model.llm={llm}", f"data.root={data}"]
 
