@@ -113,7 +113,7 @@ class _Part:
 async def read_multipart(
     request: Request, params: dict[bytes, bytes], limits: ImageLimits
 ) -> tuple[list[tuple[str, str]], bytes | None]:
-    """(text fields in order, bytes of the `file` part). Other file parts are reported as unknown fields."""
+    """(text fields in order, bytes of the `file` part). A file in any other part is a 400 that says so."""
     boundary = params.get(b"boundary")
     if not boundary or len(boundary) > MAX_BOUNDARY:
         raise BadRequest("the multipart body has no usable boundary", param="body", code="invalid_multipart")
@@ -192,8 +192,10 @@ async def read_multipart(
         if part.name is None:
             continue
         if part.is_file:
-            if part.name != FILE_FIELD:
-                fields.append((part.name, "(file)"))  # an unknown file field: refused by the schema (422)
+            if part.name != FILE_FIELD:  # e.g. curl -F image=@photo.jpg: say where the file goes
+                raise BadRequest(f"a file was uploaded as the multipart part {part.name!r}; upload the image as "
+                                 f"the part '{FILE_FIELD}' (base64 text goes in 'image')", param=part.name,
+                                 code="invalid_multipart")
             elif file is not None:
                 raise BadRequest("send exactly one image per request", param="file", code="multiple_image_sources")
             else:

@@ -786,3 +786,11 @@ def test_row22_flood_then_disconnect(live_server, png):
     assert ok.status_code == 200
     assert live_server.alive()
     assert "Traceback" not in live_server.log_text()
+
+
+def test_a_file_in_another_part_says_where_files_go(client):
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+    for name in ("image", "photo"):
+        r = client.post("/v1/caption", files={name: ("x.png", png, "image/png")})
+        assert_envelope(r, 400, "invalid_multipart")
+        assert "'file'" in r.json()["error"]["message"] and r.json()["error"]["param"] == name
