@@ -24,9 +24,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-
-# The embedded demo model (`qbridge demo build --install`): the default of `qbridge caption` and `qbridge serve`.
-DEMO_BUNDLE = Path(__file__).resolve().parent / "demo" / "bundle"
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer
 

@@ -76,7 +76,8 @@ def caption_main(argv: list[str] | None = None) -> int:
         return _caption_over_http(args)
     from PIL import Image, ImageOps
 
-    from qformer.bundle import DEMO_BUNDLE, load_bundle
+    from qformer import DEMO_BUNDLE
+    from qformer.bundle import load_bundle
     from qformer.generation import GenerationConfig, generate
     from qformer.prompts import caption_prompt
 

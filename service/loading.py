@@ -17,14 +17,10 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import qformer
-
 # torch and the engine are imported where they are used: `qbridge serve` checks --model before paying for them.
 
 log = logging.getLogger(__name__)
 
-# The embedded demo model, wherever the package is installed (as qformer.bundle.DEMO_BUNDLE, without torch).
-DEMO_BUNDLE = Path(qformer.__file__).resolve().parent / "demo" / "bundle"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -57,14 +53,12 @@ def resolve_model(spec: str, cache_dir: str | os.PathLike | None = None) -> Path
     path = Path(spec)
     if (path / "qbridge.json").is_file():
         return path
-    if spec == "qformer/demo/bundle" and (DEMO_BUNDLE / "qbridge.json").is_file():
-        return DEMO_BUNDLE  # the default, from any working directory
     is_checkpoint = (path / "config.json").is_file()
     if not is_checkpoint and (path.exists() or not HUB_ID.match(spec)):
         raise ModelNotFound(
             f"model {spec!r} not found: expected a bundle directory (with qbridge.json), a transformers BLIP-2 "
-            "checkpoint directory, or a hub id such as Salesforce/blip2-opt-2.7b. The default, "
-            "qformer/demo/bundle, is the embedded demo model: build it with "
+            "checkpoint directory, or a hub id such as Salesforce/blip2-opt-2.7b. The default is the embedded "
+            "demo model (qformer/demo/bundle in the package): build it with "
             "`qbridge demo build --out build/demo --install` if it is not there."
         )
     cache = Path(cache_dir) if cache_dir else default_cache_dir()

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from qformer import DEMO_BUNDLE
 from service.images import ImageLimits
 
 ENV_PREFIX = "QBRIDGE_"
@@ -29,7 +30,8 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 @dataclass(frozen=True)
 class Settings:
     # --- model and backend
-    model: str = _opt("qformer/demo/bundle", "bundle directory, or a hub id of a transformers BLIP-2 checkpoint")
+    model: str = _opt(str(DEMO_BUNDLE), "bundle directory, or a hub id of a transformers BLIP-2 checkpoint "
+                                        "(default: the embedded demo model)")
     model_name: str = _opt("", "name the API reports and accepts as `model` (default: derived from --model)")
     backend: str = _opt("torch", "generation backend", choices=("torch", "vllm"))
     device: str = _opt("cpu", "device for the bridge (and the torch backend)", choices=("cpu", "cuda"))

@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qformer import DEMO_BUNDLE
 from training.config import CONFIG_DIR, load_config
 
-DEMO_DIR = Path(__file__).resolve().parents[1] / "qformer" / "demo"
+DEMO_DIR = DEMO_BUNDLE.parent
 MAX_BUNDLE_MB = 40
 # The golden test (tests/test_golden.py): the first GOLDEN_SCENES test scenes of seed 0, each figure
 # asserted at the value measured at install time minus GOLDEN_MARGIN.

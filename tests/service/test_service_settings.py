@@ -53,7 +53,7 @@ def test_bad_env_value_names_the_variable():
 
 
 def test_model_name_and_resolution(tmp_path, bundle_dir):
-    assert model_name(Settings(model="qformer/demo/bundle")) == "demo"
+    assert model_name(Settings(model="qformer/demo/bundle")) == model_name(Settings()) == "demo"
     assert model_name(Settings(model="Salesforce/blip2-opt-2.7b")) == "Salesforce/blip2-opt-2.7b"
     assert model_name(Settings(model=str(bundle_dir))) == "tiny"
     assert model_name(Settings(model=str(bundle_dir), model_name="mine")) == "mine"
