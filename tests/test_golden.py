@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qformer.bundle import load_bundle
-from training.demo import DEMO_DIR, GOLDEN_SCENES, golden_figures, golden_results
+from training.demo import DEMO_DIR, GOLDEN_MARGIN, GOLDEN_SCENES, golden_figures, golden_results
 
 BUNDLE = DEMO_DIR / "bundle"
 pytestmark = pytest.mark.skipif(not (BUNDLE / "qbridge.json").is_file(), reason="no demo bundle installed")
@@ -27,11 +27,11 @@ def test_figures_hold(results):
     golden = json.loads((DEMO_DIR / "golden.json").read_text())
     f = golden["floors"]
     assert set(f) == set(golden_figures(results)) and golden["scenes"] == GOLDEN_SCENES
-    assert all(golden["measured"][k] - f[k] <= 0.02 + 1e-9 for k in f)  # floors sit just below measurements
+    assert all(golden["measured"][k] - f[k] <= GOLDEN_MARGIN + 1e-9 for k in f)  # floors sit just below measurements
     got = golden_figures(results)
     low = {k: (round(v, 4), f[k]) for k, v in got.items() if v < f[k]}
     assert not low, low
-    precisions = [results["captions"][name]["precision"] for name in ("low", "fair", "good", "best")]
+    precisions = [level["precision"] for level in results["captions"].values()]  # lowest level first
     assert precisions[-1] > precisions[0]  # caption precision rises with the quality level
 
 

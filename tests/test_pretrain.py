@@ -90,8 +90,9 @@ def test_documents_put_the_scene_with_its_boxes_before_the_text():
     for o in scene.objects:
         assert f"{o.size} {o.colour} {o.shape} {' '.join(map(str, codec.encode_box(o.box, 224, 224)))}." in ctx
     boxes = detection_text(scene, Random(0), 64)
-    groups = boxes.removeprefix(detect_prompt() + " ").split("; ")
-    assert sorted(g.rsplit(" ", 4)[0] for g in groups) == sorted(o.label for o in scene.objects)
+    groups = [g.rsplit(" ", 4) for g in boxes.removeprefix(detect_prompt() + " ").split("; ")]
+    assert sorted((label, tuple(map(int, xyxy))) for label, *xyxy in groups) == sorted(
+        (o.label, codec.encode_box(o.box, 224, 224)) for o in scene.objects)
     docs = list(world_documents(5, 40, noise=0.5))
     with_ctx = [d for d in docs if d[1]]
     assert 0.5 < len(with_ctx) / len(docs) < 0.95

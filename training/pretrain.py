@@ -247,11 +247,9 @@ def _encode(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
 
 def _encode_documents(tokenizer, docs: Sequence[tuple[str, str]], max_len: int) -> list[tuple[list[int], int]]:
     """``context <s> text </s>`` ids and the context's length (in tokens), cut to ``max_len``."""
-    rows = []
-    for ctx, text in docs:
-        c = tokenizer(ctx, add_special_tokens=False).input_ids if ctx else []
-        rows.append(((c + _encode(tokenizer, [text], max_len)[0])[:max_len], len(c)))
-    return rows
+    contexts = tokenizer([c for c, _ in docs], add_special_tokens=False)["input_ids"]  # "" -> []
+    texts = _encode(tokenizer, [t for _, t in docs], max_len)
+    return [((c + t)[:max_len], len(c)) for c, t in zip(contexts, texts)]
 
 
 def _pad(rows: list[list[int]], pad_id: int,
