@@ -30,7 +30,11 @@ Label text *before* its box, coordinates ``x1 y1 x2 y2``, objects separated by `
     red circle<loc_12><loc_40><loc_30><loc_61>; blue square<loc_1><loc_2><loc_3><loc_4>
 
 Labels are plain text: no ``;``, ``<`` or ``>``; runs of whitespace are folded into one space.
-Object order is the caller's order (training shuffles it, as Pix2Seq does).
+Object order is the caller's order. Training writes objects in one canonical reading order
+(:func:`reading_order_key`: the 3x3 cell of the box centre, row by row, then top-left corner), the
+order in which captions and the demo LLM's scene descriptions list them, so that a frozen LLM can copy
+each box from its context position by position instead of searching for it (Pix2Seq's random order needs
+a decoder that learns; ours is frozen).
 
 Parsing (tolerant)
 ------------------
@@ -331,6 +335,13 @@ class BoxCodec:
         px = (min(max(x1 * w, 0.0), w), min(max(y1 * h, 0.0), h),
               min(max(x2 * w, 0.0), w), min(max(y2 * h, 0.0), h))
         return Detection(" ".join(g.label.split()), px, score, norm)  # type: ignore[arg-type]
+
+
+def reading_order_key(box: Sequence[float], width: float, height: float) -> tuple:
+    """Sort key of a box in reading order: the row and column of the 3x3 cell holding its centre, then
+    its top edge and its left edge. One definition for captions, scene descriptions and detection targets."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return min(int(3 * cy / height), 2), min(int(3 * cx / width), 2), box[1], box[0]
 
 
 def _check_size(width: float, height: float) -> tuple[float, float]:

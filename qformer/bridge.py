@@ -26,6 +26,8 @@ _VISION_CLASSES = {
     "siglip": "SiglipVisionModel",
     "siglip_vision_model": "SiglipVisionModel",
     "dinov2": "Dinov2Model",
+    "resnet": "ResNetModel",
+    "convnext": "ConvNextModel",
 }
 
 
@@ -64,7 +66,36 @@ def load_llm(name_or_path: str, quantization: str | None = None, **kwargs) -> Pr
 
 
 def vision_hidden_size(model: PreTrainedModel) -> int:
-    return model.config.hidden_size
+    """Width of the tower's output tokens: a ViT's hidden size, a conv net's last stage's channels."""
+    c = model.config
+    return c.hidden_sizes[-1] if getattr(c, "hidden_sizes", None) else c.hidden_size
+
+
+def position_embedding_2d(height: int, width: int, dim: int) -> torch.Tensor:
+    """(height * width, dim) fixed sine-cosine embedding of grid cells in row-major order (MAE's 2-D variant):
+    the first half of the channels encodes the row, the second half the column."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine position embedding needs a width divisible by 4, not {dim}")
+    quarter = dim // 4
+    freq = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))  # (dim/4,)
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.double()[:, None] * freq[None]  # (N, dim/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (N, dim/2)
+
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
+def feature_tokens(hidden: torch.Tensor) -> torch.Tensor:
+    """A tower's last hidden state as tokens: (B, N, D) as it is; a conv map (B, C, H, W) becomes H*W tokens
+    (row-major) with a fixed 2-D position embedding added, so that the queries can tell where things are."""
+    if hidden.dim() == 3:
+        return hidden
+    B, C, H, W = hidden.shape
+    tokens = hidden.flatten(2).transpose(1, 2)  # (B, H*W, C)
+    return tokens + position_embedding_2d(H, W, C).to(tokens)
 
 
 class ExtendedEmbedding(nn.Module):
@@ -179,7 +210,7 @@ class Bridge(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Frozen vision features (B, N, Dv), before the trainable LayerNorm (cacheable)."""
         dtype = next(self.vision.parameters()).dtype
-        return self.vision(pixel_values=pixel_values.to(dtype)).last_hidden_state
+        return feature_tokens(self.vision(pixel_values=pixel_values.to(dtype)).last_hidden_state)
 
     def query_output(self, vision_feats: torch.Tensor) -> torch.Tensor:
         """(B, N, Dv) frozen features -> Q-Former query states (B, Q, H)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -117,7 +118,9 @@ def to_hf_blip2(bundle: Bundle) -> tuple[Blip2ForConditionalGeneration, object]:
     bridge, tokenizer = bundle.bridge, bundle.tokenizer
     if type(bridge.vision).__name__ != "Blip2VisionModel":
         raise BundleError(
-            f"export-hf needs BLIP-2's vision tower; this bundle uses {type(bridge.vision).__name__}"
+            f"export-hf needs BLIP-2's vision tower (Blip2VisionModel); this bundle uses "
+            f"{type(bridge.vision).__name__}, which transformers' Blip2ForConditionalGeneration cannot hold "
+            "(the demo bundle's tower is a ResNet: serve it with qbridge instead)"
         )
 
     llm = bridge.llm
@@ -209,7 +212,11 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle", metavar="BUNDLE")
     p.add_argument("--out", required=True, metavar="DIR")
     args = p.parse_args(argv)
-    out = export_hf(args.bundle, args.out)
+    try:
+        out = export_hf(args.bundle, args.out)
+    except BundleError as exc:
+        print(f"qbridge export-hf: error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 

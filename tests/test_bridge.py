@@ -13,7 +13,8 @@ def feats(bridge, processor, n=3):
     return bridge.encode_images(processor(images=[scene(i) for i in range(n)], return_tensors="pt").pixel_values)
 
 
-@pytest.mark.parametrize("vision,llm", [("blip2", "llama"), ("clip", "qwen2"), ("siglip", "opt"), ("dinov2", "llama")])
+@pytest.mark.parametrize("vision,llm", [("blip2", "llama"), ("clip", "qwen2"), ("siglip", "opt"), ("dinov2", "llama"),
+                                         ("resnet", "llama")])
 def test_families_generate(vision, llm):
     bridge, tok, proc = tiny_bridge(vision, llm)
     out = generate(bridge, tok, feats(bridge, proc), PROMPTS, config=GenerationConfig(max_new_tokens=6))
@@ -22,6 +23,27 @@ def test_families_generate(vision, llm):
         assert len(g.token_ids) == len(g.logprobs) == len(g.tokens) <= 6
         assert all(lp <= 0 for lp in g.logprobs)
         assert g.finish_reason in ("stop", "length")
+
+
+def test_conv_tower_tokens_carry_their_place():
+    from qformer.bridge import position_embedding_2d
+
+    bridge, tok, proc = tiny_bridge("resnet")
+    f = feats(bridge, proc, 2)
+    assert f.shape == (2, 16, 32)  # a 4x4 map of 32 channels, row-major
+    # the same map at every place would give equal tokens; the position embedding tells them apart
+    flat = torch.ones(1, 32, 4, 4)
+    from qformer.bridge import feature_tokens
+
+    tokens = feature_tokens(flat)[0]
+    assert torch.cdist(tokens, tokens).add(torch.eye(16) * 9).min() > 0.1
+    pe = position_embedding_2d(4, 4, 32)
+    torch.testing.assert_close(tokens, 1 + pe)
+    # rows live in the first half of the channels, columns in the second
+    torch.testing.assert_close(pe[0, :16], pe[3, :16])  # same row 0, columns 0 and 3
+    torch.testing.assert_close(pe[0, 16:], pe[12, 16:])  # same column 0, rows 0 and 3
+    with pytest.raises(ValueError, match="divisible by 4"):
+        position_embedding_2d(2, 2, 30)
 
 
 def test_only_trainable_parts_get_gradients():

@@ -109,3 +109,22 @@ def test_cli_caption_and_help(saved, tmp_path):
     listing = subprocess.run([sys.executable, "-m", "qformer.cli", "--help"], capture_output=True, text=True, timeout=300)
     for name in ("caption", "convert", "export-hf"):
         assert name in listing.stdout
+
+
+def test_a_conv_tower_bundle_round_trips_and_export_hf_refuses_it(tmp_path, capsys):
+    from qformer.hf_interop import export_main
+
+    bridge, tok, proc = tiny_bridge("resnet", num_loc_bins=8)
+    path = save_bundle(bridge, tok, proc, tmp_path / "bundle")
+    loaded = load_bundle(path)
+    assert type(loaded.bridge.vision).__name__ == "ResNetModel"
+    f = loaded.bridge.encode_images(proc(images=[scene(0)], return_tensors="pt").pixel_values)
+    assert f.shape == (1, 16, 32)
+    want = [g.token_ids for g in generate(bridge, tok, bridge.encode_images(
+        proc(images=[scene(0)], return_tensors="pt").pixel_values), [""], config=GenerationConfig(max_new_tokens=6))]
+    assert [g.token_ids for g in generate(loaded.bridge, loaded.tokenizer, f, [""],
+                                          config=GenerationConfig(max_new_tokens=6))] == want
+    assert export_main([str(path), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "Blip2VisionModel" in err and "ResNetModel" in err
+    assert not (tmp_path / "hf").exists()

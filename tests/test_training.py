@@ -164,16 +164,3 @@ def test_location_rows_start_at_the_llms_number_rows():
     ids = torch.tensor([[bridge.cfg.base_vocab_size + 1, 4]])  # <loc_1> embeds exactly as the number " 1"
     out = bridge.llm.get_input_embeddings()(ids)
     assert torch.equal(out[0, 0], out[0, 1])
-
-
-def test_probe_reads_an_encoded_attribute_and_not_a_missing_one():
-    from training.probe import attribute_sets, probe
-    from training.shapes import make_scene
-
-    scenes = [{"objects": [{"colour": o.colour, "shape": o.shape, "size": o.size}
-                           for o in make_scene(0, "train", i).objects]} for i in range(300)]
-    colours = attribute_sets(scenes, "colour")
-    g = torch.Generator().manual_seed(0)
-    encoded = torch.cat([colours * 3, torch.randn(300, 8, generator=g)], 1)  # colours in, shapes not
-    assert probe(encoded, colours) > 0.95
-    assert probe(encoded, attribute_sets(scenes, "shape")) < 0.3

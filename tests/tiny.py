@@ -112,6 +112,9 @@ def tiny_vision(kind: str = "blip2", seed: int = 0):
         model = T.SiglipVisionModel(T.SiglipVisionConfig(**common, image_size=30, patch_size=6))
     elif kind == "dinov2":
         model = T.Dinov2Model(T.Dinov2Config(**common, image_size=30, patch_size=6))
+    elif kind == "resnet":  # a conv tower: (B, 32, 4, 4) maps, read as 16 tokens with a 2-D position embedding
+        model = T.ResNetModel(T.ResNetConfig(embedding_size=8, hidden_sizes=[12, 32], depths=[1, 1],
+                                             layer_type="basic", downsample_in_first_stage=False))
     else:
         raise ValueError(kind)
     return model.eval(), tiny_image_processor()

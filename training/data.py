@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from qformer.boxes import BoxCodec, Detection
+from qformer.boxes import BoxCodec, Detection, reading_order_key
 from qformer.prompts import caption_prompt, detect_prompt, vqa_prompt
 from training.config import DataSection
 from training.datasets import load_rgb
@@ -85,11 +85,12 @@ def detection_examples(data: DataSection) -> list[Example]:
     ]
 
 
-def detection_target(example: Example, codec: BoxCodec, rng: random.Random) -> str:
-    """Objects in a random order each time (Pix2Seq: random order trains best)."""
-    objs = list(example.objects)
-    rng.shuffle(objs)
+def detection_target(example: Example, codec: BoxCodec) -> str:
+    """Objects in reading order (``qformer.boxes.reading_order_key``), the order in which the frozen LLM
+    has learned to read and write them; a random order (Pix2Seq's choice for a trained decoder) would
+    make a frozen LLM search its context for each box."""
     w, h = example.size
+    objs = sorted(example.objects, key=lambda o: reading_order_key(o[1], w, h))
     return codec.encode([Detection(label, box) for label, box in objs], w, h)
 
 

@@ -1,11 +1,16 @@
 """Build the embedded demo model from nothing, on a CPU, with this project's own pipeline.
 
     qbridge demo build --out build/demo [--install]      (also: make demo)
+    qbridge demo build --out build/demo --only "vision gate"   (one step, on the earlier steps' outputs)
 
-Steps: shapes-world data -> tokenizer -> frozen LLM pretraining -> frozen vision pretraining -> stage 1
--> quality scoring -> stage 2 -> evaluation (report) -> noise-robustness ablation. `--install` copies the
-bundle and its report to `qformer/demo/`, the default model of `make serve` and `qbridge caption`.
-Each step writes into OUT and is skipped when its output already exists, so an interrupted build resumes.
+Steps: shapes-world data -> tokenizer -> frozen LLM pretraining -> its gate -> frozen vision tower -> its gate
+-> stage 1 -> its gate -> quality scoring -> stage 2 -> evaluation (report) -> noise-robustness ablation.
+A gate measures the part just built on its own and stops the build with a clear message when it misses
+(figures in OUT/gates/*.json and in the report): a bridge trained on a part that cannot see or read what it
+needs is noise. `--install` copies the bundle and its report to `qformer/demo/`, the default model of
+`make serve` and `qbridge caption`. Each step writes into OUT and is skipped when its output already
+exists, so an interrupted build resumes; `--only STEP` reruns one step from nothing, so that a hypothesis
+about one part costs minutes, not a whole build.
 """
 
 from __future__ import annotations
@@ -36,14 +41,16 @@ class Plan:
     n_train: int = 5000
     n_test: int = 1000
     n_heldout: int = 300
-    image_size: int = 128  # the vision encoder's input
+    image_size: int = 160  # the vision tower's input: a 10x10 feature grid
     data_size: int = 224  # rendered scenes (the vision pretraining renders at 224 and resizes too)
     llm_steps: int = 1500
-    vision_steps: int = 400
+    vision_steps: int = 640
     stage1_steps: int = 800
     stage2_steps: int = 3000
     ablation_steps: int = 300
     eval_n: int | None = None  # all test images
+    gate_n: int = 200  # val scenes of the LLM's oracle gate
+    probe_scenes: tuple = (1500, 500)  # (train scenes fit, val scenes scored) of the vision tower's probes
     seed: int = 0
     noise: float = 0.3
     overrides: list = field(default_factory=list)
@@ -51,25 +58,48 @@ class Plan:
 
 
 QUICK = Plan(n_train=64, n_test=8, n_heldout=4, image_size=64, data_size=64, llm_steps=10, vision_steps=10, stage1_steps=10,
-             stage2_steps=12, ablation_steps=4, eval_n=8, quick=True)
+             stage2_steps=12, ablation_steps=4, eval_n=8, gate_n=4, probe_scenes=(16, 8), quick=True)
+# Stage 1's gate: val image->text R@1 before its alignment scores become quality levels.
+STAGE1_GATE = 0.80
+
+
+STEP_NAMES = ("data", "tokenizer", "llm", "llm gate", "vision", "vision gate", "stage 1", "stage 1 gate", "quality",
+              "stage 2", "evaluation", "ablation")
+
+
+class GateMissed(RuntimeError):
+    """A frozen part or a stage missed its gate: the build stops before training on it."""
 
 
 class Steps:
-    """Prints each step with the elapsed time and a running ETA from the planned step weights."""
+    """Runs build steps in order, printing each with the elapsed time and a running ETA from the planned
+    step weights. A step whose marker exists is skipped (an interrupted build resumes); with ``only``, just
+    that step runs, anew, on the outputs the earlier steps left."""
 
-    def __init__(self, weights: dict[str, float], log: Path | None = None):
+    def __init__(self, weights: dict[str, float], log: Path | None = None, only: str | None = None):
         self.weights, self.done, self.t0 = weights, 0.0, time.time()
         self.log = log  # JSON {step: seconds} of the steps run here (a resumed build keeps earlier entries)
+        self.only = only
 
-    def run(self, name: str, marker: Path, fn) -> None:
+    def run(self, name: str, marker: Path, fn, clear: tuple[Path, ...] = ()) -> None:
+        if self.only is not None and name != self.only:
+            if not marker.exists() and STEP_NAMES.index(name) < STEP_NAMES.index(self.only):
+                raise SystemExit(f"step {self.only!r} needs the output of step {name!r} ({marker}): "
+                                 f"run `qbridge demo build --only {name!r}` first")
+            return
         total = sum(self.weights.values())
         elapsed = time.time() - self.t0
         eta = elapsed / self.done * (total - self.done) if self.done else float("nan")
         eta_txt = f", ETA {eta / 60:.0f} min" if self.done else ""
         print(f"\n=== {name} (elapsed {elapsed / 60:.1f} min{eta_txt}) ===", flush=True)
-        if marker.exists():
+        if marker.exists() and self.only is None:
             print(f"    already done: {marker}")
         else:
+            for path in (*clear, marker):  # a step run again starts from nothing, not from its old checkpoints
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
             t = time.time()
             fn()
             print(f"    {name}: {time.time() - t:.0f} s", flush=True)
@@ -80,35 +110,78 @@ class Steps:
         self.done += self.weights[name]
 
 
-def build(out: Path, plan: Plan, progress: bool = True) -> Path:
-    from training import pretrain, shapes
+def gate(name: str, figures: dict, failures: list[str], target: Path, enforce: bool, rerun: str) -> None:
+    """Write a gate's figures to ``target`` (JSON) and stop the build when it is missed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"gate": name, "figures": figures, "passed": not failures, "missed": failures},
+                                 indent=2) + "\n")
+    if not failures:
+        print(f"    gate {name}: passed")
+        return
+    message = (f"gate {name!r} missed: {'; '.join(failures)} (figures in {target}).\n"
+               f"The build stops here: a bridge trained on this part would be noise. {rerun}")
+    if not enforce:
+        print(f"    WARNING: {message}\n    (--ignore-gates: going on)")
+        return
+    raise GateMissed(message)
+
+
+def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None, enforce_gates: bool = True) -> Path:
+    from training import pretrain, shapes, vision as tower
     from training.evaluate import evaluate_bundle
-    from training.quality import score_and_bin
+    from training.oracle import evaluate_oracle, gate_failures as llm_failures
+    from training.quality import score_and_bin, stage1_retrieval
     from training.train import train
 
     out.mkdir(parents=True, exist_ok=True)
-    data, llm, vision = out / "data", out / "llm", out / "vision"
+    data, llm, vision, gates = out / "data", out / "llm", out / "vision", out / "gates"
     # Minutes each step took on 2 idle CPU cores (the ETA's weights).
-    steps = Steps({"data": 0.6, "tokenizer": 0.02, "llm": 7.5, "vision": 5, "stage 1": 8.5, "quality": 2,
-                   "stage 2": 13, "evaluation": 3, "ablation": 7}, out / "timings.json")
+    steps = Steps({"data": 0.4, "tokenizer": 0.02, "llm": 8, "llm gate": 1, "vision": 10, "vision gate": 1,
+                   "stage 1": 9, "stage 1 gate": 0.5, "quality": 1, "stage 2": 12, "evaluation": 3, "ablation": 7},
+                  out / "timings.json", only)
     paths = [f"model.vision={vision}", f"model.llm={llm}", f"data.root={data}"]
+    enforce = enforce_gates and not plan.quick  # a smoke build's tiny parts cannot pass a gate
 
     steps.run("data", data / "world.json", lambda: shapes.write_dataset(
         data, n=plan.n_train, seed=plan.seed, noise=plan.noise, n_val=max(1, plan.n_test // 5), n_test=plan.n_test,
-        n_heldout=plan.n_heldout, size=(plan.data_size, plan.data_size), progress=progress))
+        n_heldout=plan.n_heldout, size=(plan.data_size, plan.data_size), progress=progress), clear=(data,))
     steps.run("tokenizer", llm / "tokenizer.json", lambda: pretrain.train_tokenizer(None, llm, seed=plan.seed))
     steps.run("llm", llm / "model.safetensors", lambda: pretrain.pretrain_llm(
         None, llm, llm, plan.llm_steps, seed=plan.seed, progress=progress,
         **(pretrain.TINY_LLM if plan.quick else {})))
-    steps.run("vision", vision / "model.safetensors", lambda: pretrain.pretrain_vision(
-        vision, plan.vision_steps, tokenizer=llm, seed=plan.seed, image_size=plan.image_size, progress=progress,
-        **({k: v for k, v in pretrain.TINY_VISION.items() if k != "image_size"} if plan.quick else {})))
+
+    def llm_gate():
+        figures = evaluate_oracle(llm, data, "val", plan.gate_n, progress=progress)
+        gate("llm", figures, llm_failures(figures), gates / "llm.json", enforce,
+             "Change the LLM's pretraining (steps, layers, document formats) and rerun `--only llm`.")
+
+    steps.run("llm gate", gates / "llm.json", llm_gate)
+    steps.run("vision", vision / "model.safetensors", lambda: tower.pretrain_tower(
+        vision, plan.vision_steps, image_size=plan.image_size, seed=plan.seed, probe_scenes=(0, 0),
+        progress=progress, **(tower.TINY if plan.quick else {})), clear=(vision,))
+
+    def vision_gate():
+        figures = tower.probe_saved(vision, plan.seed, plan.probe_scenes)
+        gate("vision", figures, tower.gate_failures(figures), gates / "vision.json", enforce,
+             "Change the tower's pretraining (steps, objective, architecture) and rerun `--only vision`.")
+
+    steps.run("vision gate", gates / "vision.json", vision_gate)
 
     cache = out / "features"
     s1 = load_config(CONFIG_DIR / "demo_stage1.json", [*paths, f"run.out_dir={out / 'stage1'}",
                                                         f"run.steps={plan.stage1_steps}", f"run.feature_cache={cache}",
                                                         *plan.overrides])
-    steps.run("stage 1", out / "stage1" / "final" / "stage1.safetensors", lambda: train(s1, progress=progress))
+    steps.run("stage 1", out / "stage1" / "final" / "stage1.safetensors", lambda: train(s1, progress=progress),
+              clear=(out / "stage1", cache))
+
+    def stage1_gate():
+        figures = stage1_retrieval(s1, str(out / "stage1"), "val")
+        missed = [] if figures["i2t_r1"] >= STAGE1_GATE else [f"i2t_r1 {figures['i2t_r1']:.3f} < {STAGE1_GATE}"]
+        gate("stage 1", figures, missed, gates / "stage1.json", enforce,
+             "Alignment scores from a stage 1 that cannot retrieve are noise, and so would be the quality levels "
+             "built on them: change stage 1 and rerun `--only 'stage 1'`.")
+
+    steps.run("stage 1 gate", gates / "stage1.json", stage1_gate)
     quality_file = data / "captions_train_quality.json"
     levels = load_config(CONFIG_DIR / "demo_stage2.json").model.num_quality_levels
     steps.run("quality", quality_file, lambda: score_and_bin(s1, str(out / "stage1"), levels, str(quality_file)))
@@ -119,7 +192,8 @@ def build(out: Path, plan: Plan, progress: bool = True) -> Path:
             f"run.feature_cache={cache}", *extra, *plan.overrides])
         train(cfg, progress=progress)
 
-    steps.run("stage 2", out / "stage2" / "bundle" / "qbridge.json", lambda: stage2("stage2", plan.stage2_steps, []))
+    steps.run("stage 2", out / "stage2" / "bundle" / "qbridge.json", lambda: stage2("stage2", plan.stage2_steps, []),
+              clear=(out / "stage2",))
     bundle_dir = out / "stage2" / "bundle"
     report_json = out / "report.json"
 
@@ -133,8 +207,11 @@ def build(out: Path, plan: Plan, progress: bool = True) -> Path:
 
     steps.run("evaluation", report_json, evaluate)
     ablation_json = out / "ablation.json"
-    steps.run("ablation", ablation_json, lambda: ablation(out, plan, paths, cache, ablation_json, progress))
-    write_report(out, plan)
+    steps.run("ablation", ablation_json, lambda: ablation(out, plan, paths, cache, ablation_json, progress),
+              clear=(out / "ablation",))
+    if only is None or only in ("evaluation", "ablation"):
+        if report_json.exists() and ablation_json.exists():
+            write_report(out, plan)
     return bundle_dir
 
 
@@ -177,13 +254,12 @@ def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path,
 
 def write_report(out: Path, plan: Plan) -> None:
     from training.evaluate import report_markdown
-    from training.probe import run as probe
 
     results = json.loads((out / "report.json").read_text())
     ablation = json.loads((out / "ablation.json").read_text())
-    frozen = {part: json.loads((out / part / "pretrain.json").read_text())["metrics"]["val"]
-              for part in ("llm", "vision")}
-    probes = probe(str(out / "features" / "features.safetensors"), str(out / "data" / "scenes_train.json"))
+    frozen = {"llm": json.loads((out / "llm" / "pretrain.json").read_text())["metrics"]["val"]}
+    gates = {g: json.loads((out / "gates" / f"{g}.json").read_text()) for g in ("llm", "vision", "stage1")
+             if (out / "gates" / f"{g}.json").exists()}
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
     lines = ["# Demo model report", "",
              f"Built by `qbridge demo build` (seed {plan.seed}, {plan.n_train} training scenes with "
@@ -196,25 +272,36 @@ def write_report(out: Path, plan: Plan) -> None:
              "| variant | precision | recall | CIDEr | BLEU-4 |", "|---|---|---|---|---|"]
     for name, r in ablation.items():
         lines.append(f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cider']:.3f} | {r['bleu4']:.3f} |")
-    lines += ["", "## The frozen parts", "",
-              "What the bridge can pass on is bounded by them. LLM: per-token loss on clean val documents read "
-              "after their own scene description (`context_*`) and after another scene's (`wrong_context_*`); "
-              "a gap means the LLM takes that task's answer from what precedes `<s>`, where the queries go.", "",
-              "| task | own context | another scene's |", "|---|---:|---:|"]
+    lines += ["", "## Gates", "",
+              "Each part is measured alone before the next step trains on it; the build stops when a gate is "
+              "missed (`qbridge demo build --only STEP` reruns one step). Vision tower: linear probes on its "
+              "frozen features, per object on val scenes (`python -m training.vision probe`). LLM: the true "
+              "scene description as its context, where the queries go later, greedy decoding, the evaluation's "
+              "own metrics (`python -m training.oracle`): the ceiling of any bridge through it. Stage 1: val "
+              "image->text R@1 before its scores become quality levels.", "",
+              "| gate | figure | value | target | passed |", "|---|---|---:|---:|---|"]
+    from training.oracle import GATE as LLM_GATE
+    from training.vision import GATE as VISION_GATE
+
+    targets = {"llm": LLM_GATE, "vision": VISION_GATE, "stage1": {"i2t_r1": STAGE1_GATE}}
+    for g, entry in gates.items():
+        for k, v in entry["figures"].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                t = targets[g].get(k)
+                lines.append(f"| {g} | {k} | {v:.3f} | {'' if t is None else t} | "
+                             f"{'' if t is None else ('yes' if v >= t else '**no**')} |")
     llm = frozen["llm"]
+    lines += ["", "LLM: per-token loss on clean val documents read after their own scene description and after "
+              "another scene's; a gap means the LLM takes that task's answer from what precedes `<s>`.", "",
+              "| task | own context | another scene's |", "|---|---:|---:|"]
     for task in sorted(k[len("context_"):-len("_loss")] for k in llm if k.startswith("context_")):
         lines.append(f"| {task} | {llm[f'context_{task}_loss']:.3f} | {llm[f'wrong_context_{task}_loss']:.3f} |")
-    lines += ["", "Vision encoder: its own validation figures, and linear probes of its features "
-              "(`python -m training.probe`, exact-set accuracy of each scene's colours / shapes / sizes):", "",
-              "| figure | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in frozen["vision"].items()]
-    lines += [f"| probe {attr} ({view}) | {acc:.3f} |" for attr, views in probes.items() for view, acc in views.items()]
     if timings:
         lines += ["", "## Build time", "", "| step | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()] + [f"| total | {sum(timings.values()):.0f} |"]
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
     (out / "report_all.json").write_text(json.dumps({"eval": results, "ablation": ablation, "frozen": frozen,
-                                                     "probes": probes, "timings": timings}, indent=2))
+                                                     "gates": gates, "timings": timings}, indent=2))
 
 
 def golden_figures(results: dict) -> dict[str, float]:
@@ -285,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--install", action="store_true", help="copy the bundle and report into qformer/demo/")
     b.add_argument("--quick", action="store_true", help="a minutes-long smoke build with tiny sizes")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--only", choices=STEP_NAMES, metavar="STEP",
+                   help="run just this step, anew, on the earlier steps' outputs in --out (steps: "
+                        + ", ".join(STEP_NAMES) + "); later steps are not rerun")
+    b.add_argument("--ignore-gates", action="store_true",
+                   help="go on when a gate is missed (the figures are still written and reported)")
     b.add_argument("overrides", nargs="*", help="section.field=value applied to both stage configs")
     i = sub.add_parser("install", help="copy a finished build's bundle and report into qformer/demo/ and "
                                        "measure the golden figures")
@@ -298,7 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     plan = dataclasses.replace(QUICK if args.quick else Plan(), seed=args.seed, overrides=list(args.overrides))
     out = Path(args.out)
     t = time.time()
-    build(out, plan)
+    try:
+        build(out, plan, only=args.only, enforce_gates=not args.ignore_gates)
+    except GateMissed as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 2
+    if args.only:
+        print(f"\nstep {args.only!r} finished in {(time.time() - t) / 60:.1f} min")
+        return 0
     print(f"\ndemo build finished in {(time.time() - t) / 60:.1f} min: {out / 'REPORT.md'}")
     if args.install:
         install(out)

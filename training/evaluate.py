@@ -450,7 +450,8 @@ def evaluate_bundle(
     # ---- retrieval
     if run_retrieval:
         bar.set_description("eval: retrieval")
-        results["retrieval"] = _retrieval(bundle, feats, image_ids, caption_anns, batch_size, device)
+        results["retrieval"] = retrieval_figures(bridge, bundle.qformer_tokenizer, feats, image_ids, caption_anns,
+                                                 batch_size, device)
     else:
         why = "the Q-Former has no text branch" if not cfg.qformer.with_text else "the bundle has no qformer_tokenizer"
         results["retrieval"] = {"skipped": why}
@@ -459,10 +460,10 @@ def evaluate_bundle(
     return results
 
 
-def _retrieval(bundle, feats: torch.Tensor, image_ids: list[int], caption_anns: list[dict], batch_size: int,
-               device) -> dict:
-    """ITC retrieval: query features against TEXT-mode [CLS] features of the split's clean captions."""
-    bridge = bundle.bridge
+def retrieval_figures(bridge, qformer_tokenizer, feats: torch.Tensor, image_ids: list[int], caption_anns: list[dict],
+                      batch_size: int = 64, device="cpu") -> dict:
+    """ITC retrieval: query features against TEXT-mode [CLS] features of the split's clean captions
+    (``feats``: the images' frozen features, in ``image_ids`` order)."""
     # One detail level if the data has levels, so every image has the same number of candidates.
     anns = [a for a in caption_anns if a.get("level") == "normal"] or caption_anns
     if not anns:
@@ -477,7 +478,7 @@ def _retrieval(bundle, feats: torch.Tensor, image_ids: list[int], caption_anns: 
     ])  # (n_images, Q, E)
     text_feats = []
     for b in range(0, len(texts), batch_size):
-        enc = bundle.qformer_tokenizer(texts[b : b + batch_size], padding=True, truncation=True,
+        enc = qformer_tokenizer(texts[b : b + batch_size], padding=True, truncation=True,
                                        max_length=RETRIEVAL_MAX_LENGTH, return_tensors="pt")  # its own padding side, as trained
         out = bridge.qformer(AttentionMode.TEXT, input_ids=enc.input_ids.to(device),
                              attention_mask=enc.attention_mask.to(device))

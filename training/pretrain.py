@@ -2,7 +2,7 @@
 
     python -m training.pretrain tokenizer --out demo/llm
     python -m training.pretrain llm --out demo/llm --tokenizer demo/llm --steps 800
-    python -m training.pretrain vision --out demo/vision --tokenizer demo/llm --steps 400
+    python -m training.pretrain vision --out demo/vision --steps 640
 
 (``--steps 20 --tiny`` shrinks either model into a smoke run; ``--threads N`` sets torch's CPU threads.)
 Each step writes a standard transformers directory (config + ``model.safetensors`` + tokenizer or image
@@ -20,9 +20,7 @@ true caption, 1.33 after another scene's. ``evaluate_llm`` reports this gap as `
 Only train-split scenes are used, so the compositional held-out pairs (``shapes.HELDOUT_PAIRS``) never occur
 in any pretraining image or text.
 
-The vision encoder (``Blip2VisionModel``, 128 px, 16 px patches: an 8x8 grid) learns CLIP-style against a
-throwaway text tower: image vs caption, plus each object's box-pooled patch tokens vs its phrase, with
-one-edit "twin" scenes as hard negatives (see :func:`pretrain_vision`).
+The vision tower (a small ``ResNetModel``) and its gate live in ``training.vision``; ``vision`` below runs it.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from random import Random
 
@@ -42,12 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from qformer.boxes import BoxCodec
+from qformer.boxes import BoxCodec, reading_order_key
 from qformer.prompts import caption_prompt, detect_prompt, vqa_prompt
 from training import shapes
 from training.shapes import (
-    BACKGROUNDS, COLOURS, COLS, LEVELS, NUMBER_WORDS, PLURALS, POSITION_PHRASES, ROWS, SEEN_PAIRS, SHAPES,
-    SIZES, Obj, Scene, caption, make_scene, questions, render, training_captions,
+    BACKGROUNDS, COLOURS, COLS, NUMBER_WORDS, PLURALS, POSITION_PHRASES, ROWS, SEEN_PAIRS, SHAPES,
+    SIZES, Scene, make_scene, questions, reading_order, training_captions,
 )
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
@@ -74,12 +71,6 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 # ----------------------------------------------------------------------------- world text
 
 
-def _reading_order(scene: Scene) -> list[Obj]:
-    # The order captions list objects in; detection label sequences follow it too.
-    return sorted(scene.objects, key=lambda o: (ROWS.index(scene.cell(o)[0]), COLS.index(scene.cell(o)[1]),
-                                                o.box[1], o.box[0]))
-
-
 def scene_description(scene: Scene, bins: int = LOC_BINS) -> str:
     """The scene as the LLM reads it before ``<s>`` in pretraining, where the bridge's queries sit later.
 
@@ -88,20 +79,21 @@ def scene_description(scene: Scene, bins: int = LOC_BINS) -> str:
     """
     codec = BoxCodec(bins)
     parts = [f"{scene.background} background."]
-    for o in _reading_order(scene):
+    for o in reading_order(scene):
         x1, y1, x2, y2 = codec.encode_box(o.box, scene.width, scene.height)
         parts.append(f"{o.size} {o.colour} {o.shape} {x1} {y1} {x2} {y2}.")
     return " ".join(parts)
 
 
-def detection_text(scene: Scene, rng: Random, bins: int = LOC_BINS) -> str:
-    """``detect: label x1 y1 x2 y2; ...`` in a random order: the bridge's detection sequence with the
-    location tokens written as numbers (the bridge's location rows start at these numbers' rows)."""
+def detection_text(scene: Scene, bins: int = LOC_BINS, labels: Sequence[str] | None = None) -> str:
+    """``detect: label x1 y1 x2 y2; ...`` in reading order, as in the scene description: the bridge's
+    detection sequence with the location tokens written as numbers (the bridge's location rows start at
+    these numbers' rows). With ``labels``, the label-filtered prompt and only those objects."""
     codec = BoxCodec(bins)
-    objs = list(scene.objects)
-    rng.shuffle(objs)
+    objs = [o for o in reading_order(scene) if labels is None or o.label in labels]
     boxes = [(o.label, codec.encode_box(o.box, scene.width, scene.height)) for o in objs]
-    return f"{detect_prompt()} " + "; ".join(f"{label} {' '.join(map(str, b))}" for label, b in boxes)
+    return f"{detect_prompt(list(labels) if labels else None)} " + "; ".join(
+        f"{label} {' '.join(map(str, b))}" for label, b in boxes)
 
 
 def scene_documents(scene: Scene, rng: Random, noise: float = 0.1, pairs: tuple[tuple[str, str], ...] = SEEN_PAIRS,
@@ -112,8 +104,9 @@ def scene_documents(scene: Scene, rng: Random, noise: float = 0.1, pairs: tuple[
     before ``<s>`` and ``text`` after it, so it learns to take every attribute, count and box from what
     precedes ``<s>``: the place where the bridge later puts its queries. Tasks: ``caption`` (one per
     level; without a context, web-like noise at rate ``noise`` keeps generic text in the LLM's
-    distribution), ``vqa`` (five questions), ``detect`` (labels in reading order, now and then the
-    label-conditioned prompt, and boxes as numbers, always with the context).
+    distribution), ``vqa`` (five questions), ``detect`` (boxes as numbers in reading order, always with the
+    context; now and then the label-filtered prompt). One prompt, one format: an earlier LLM that also
+    saw ``detect:`` followed by labels alone could not tell which of the two to write.
     """
     ctx = scene_description(scene, bins)
     out = []
@@ -122,12 +115,11 @@ def scene_documents(scene: Scene, rng: Random, noise: float = 0.1, pairs: tuple[
         out.append(("caption", ctx if with_ctx else "", f"{caption_prompt()} {c['caption']}"))
     for q in questions(scene, rng, 5, pairs):
         out.append(("vqa", ctx if rng.random() < context else "", f"{vqa_prompt(q['question'])} {q['answer']}"))
-    labels = [o.label for o in _reading_order(scene)]
-    out.append(("detect", ctx if rng.random() < context else "", f"{detect_prompt()} {'; '.join(labels)}"))
+    out.append(("detect", ctx, detection_text(scene, bins)))
     if rng.random() < 0.3:
-        wanted = sorted(set(rng.sample(labels, rng.randint(1, len(labels)))))
-        out.append(("detect", ctx, f"{detect_prompt(wanted)} {'; '.join(x for x in labels if x in wanted)}"))
-    out.append(("boxes", ctx, detection_text(scene, rng, bins)))
+        labels = [o.label for o in scene.objects]
+        out.append(("detect", ctx, detection_text(scene, bins, sorted(set(rng.sample(labels, rng.randint(
+            1, len(labels))))))))
     return out
 
 
@@ -181,12 +173,12 @@ def dataset_texts(data_dir: str | Path, split: str = "train") -> list[str]:
         for image_id, anns in per_image.items():
             w, h = sizes[image_id]
 
-            def reading_order(a, w=w, h=h):  # as _reading_order: 3x3 cell of the box centre, then top-left
-                x, y, bw, bh = a["bbox"]
-                return min(int(3 * (y + bh / 2) / h), 2), min(int(3 * (x + bw / 2) / w), 2), y, x
-
-            anns.sort(key=reading_order)
-            texts.append(f"{detect_prompt()} {'; '.join(names[a['category_id']] for a in anns)}")
+            anns.sort(key=lambda a, w=w, h=h: reading_order_key(
+                (a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]), w, h))
+            codec = BoxCodec(LOC_BINS)
+            boxes = [codec.encode_box((x, y, x + bw, y + bh), w, h) for x, y, bw, bh in (a["bbox"] for a in anns)]
+            texts.append(f"{detect_prompt()} " + "; ".join(
+                f"{names[a['category_id']]} {' '.join(map(str, b))}" for a, b in zip(anns, boxes)))
     if not texts:
         raise FileNotFoundError(f"no captions_/questions_/instances_{split}.json in {root}")
     return texts
@@ -343,10 +335,10 @@ class _TextBatches:
         return self.ready.pop()
 
 
-def _text_stream(data, seed: int, noise: float, rng: Random) -> Iterator[tuple[str, str]]:
+def _text_stream(data, seed: int, noise: float, rng: Random, context: float = 0.8) -> Iterator[tuple[str, str]]:
     """Endless ``(context, text)`` documents: generated scene by scene, or plain texts (no context)."""
     if data is None:
-        gen = world_documents(seed, noise=noise)
+        gen = world_documents(seed, noise=noise, context=context)
         buf: list[tuple[str, str]] = []
         while True:  # a scene's documents are spread over batches, not side by side
             while len(buf) < 4096:
@@ -397,14 +389,15 @@ def evaluate_llm(model, tokenizer, seed: int = 0, n_scenes: int = 200, max_len: 
 
 def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, steps: int = 800, *, seed: int = 0,
                  batch_size: int = 64, lr: float = 2e-3, warmup: int | None = None, weight_decay: float = 0.1,
-                 max_len: int = 128, noise: float = 0.1, hidden_size: int = 256, num_layers: int = 4,
+                 max_len: int = 128, noise: float = 0.1, context: float = 0.8, hidden_size: int = 256, num_layers: int = 4,
                  num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 688,
                  eval_scenes: int = 200, progress: bool = True) -> dict:
     """Train a small ``LlamaForCausalLM`` from scratch on world text; save it with its tokenizer.
 
     ``data``: None (text generated scene by scene from ``seed``, endless), a written dataset directory
     (:func:`dataset_texts`), or a list of texts. ``tokenizer``: a tokenizer, its directory, or None (trained
-    here). Returns metrics: ``first_loss``/``final_loss`` (train, mean of the first/last 10 steps),
+    here). ``context``: the share of clean documents read after their scene description. Returns metrics:
+    ``first_loss``/``final_loss`` (train, mean of the first/last 10 steps),
     ``val`` (:func:`evaluate_llm`), ``seconds``, ``seconds_per_step``. With ``out_dir`` the model
     (safetensors), tokenizer and ``pretrain.json`` are written there.
     """
@@ -421,7 +414,7 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
     warmup = max(1, steps // 20) if warmup is None else warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
     rng = Random(f"qbridge-pretrain-llm/{seed}")
-    batches = _TextBatches(_text_stream(data, seed, noise, rng), tokenizer, batch_size, max_len, rng)
+    batches = _TextBatches(_text_stream(data, seed, noise, rng, context), tokenizer, batch_size, max_len, rng)
 
     losses: list[float] = []
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -451,231 +444,13 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
         model.save_pretrained(str(out))  # transformers 5 writes safetensors only
         tokenizer.save_pretrained(str(out))
         _write_json(out / "pretrain.json", {"component": "llm", "seed": seed, "batch_size": batch_size, "lr": lr,
-                                            "max_len": max_len, "noise": noise, "data": str(data) if isinstance(
+                                            "max_len": max_len, "noise": noise, "context": context, "data": str(data) if isinstance(
                                                 data, (str, Path)) else None, "metrics": metrics})
     metrics["model"] = model
     return metrics
 
 
 # ----------------------------------------------------------------------------- vision
-
-
-def _overlaps(box, others) -> bool:
-    # The world's placement rule (shapes.MAX_IOU / MAX_COVER), so an edited scene is still a valid scene.
-    for o in others:
-        iw = min(box[2], o.box[2]) - max(box[0], o.box[0])
-        ih = min(box[3], o.box[3]) - max(box[1], o.box[1])
-        if iw > 0 and ih > 0:
-            inter = iw * ih
-            a = (box[2] - box[0]) * (box[3] - box[1])
-            b = (o.box[2] - o.box[0]) * (o.box[3] - o.box[1])
-            if inter / (a + b - inter) > shapes.MAX_IOU or inter / min(a, b) > shapes.MAX_COVER:
-                return True
-    return False
-
-
-def _fit(box, width: int, height: int) -> tuple[int, int, int, int] | None:
-    x1, y1, x2, y2 = box
-    w, h = x2 - x1, y2 - y1
-    if w >= width - 2 or h >= height - 2:
-        return None
-    dx = max(1 - x1, 0) - max(x2 - (width - 1), 0)
-    dy = max(1 - y1, 0) - max(y2 - (height - 1), 0)
-    return x1 + dx, y1 + dy, x2 + dx, y2 + dy
-
-
-EDITS = ("colour", "shape", "swap", "size", "move", "background")
-
-
-def twin_scene(scene: Scene, rng: Random, pairs=SEEN_PAIRS) -> tuple[Scene, str] | None:
-    """A hard negative: ``scene`` with one edit (recolour, reshape, swap two colours, resize, move one
-    object to another cell, or change the background), or None if no edit applies. Colour-shape pairs stay
-    within ``pairs``; placement keeps the world's overlap rule."""
-    objs = list(scene.objects)
-    kinds = list(EDITS)
-    rng.shuffle(kinds)
-    for kind in kinds:
-        i = rng.randrange(len(objs))
-        o = objs[i]
-        new = None
-        if kind == "colour":
-            options = [c for c in COLOURS if c != o.colour and (c, o.shape) in pairs]
-            if options:
-                new = {i: replace(o, colour=rng.choice(options))}
-        elif kind == "shape":
-            options = [s for s in SHAPES if s != o.shape and (o.colour, s) in pairs]
-            if options:
-                new = {i: replace(o, shape=rng.choice(options))}
-        elif kind == "swap":
-            js = [j for j, p in enumerate(objs) if p.colour != o.colour
-                  and (p.colour, o.shape) in pairs and (o.colour, p.shape) in pairs and p.shape != o.shape]
-            if js:
-                j = rng.choice(js)
-                new = {i: replace(o, colour=objs[j].colour), j: replace(objs[j], colour=o.colour)}
-        elif kind == "size":
-            size = rng.choice([z for z in SIZES if z != o.size])
-            scale = sum(SIZES[size]) / sum(SIZES[o.size])
-            cx, cy = (o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2
-            w, h = (o.box[2] - o.box[0]) * scale, (o.box[3] - o.box[1]) * scale
-            box = _fit((round(cx - w / 2), round(cy - h / 2), round(cx + w / 2), round(cy + h / 2)),
-                       scene.width, scene.height)
-            if box and not _overlaps(box, objs[:i] + objs[i + 1:]):
-                new = {i: replace(o, size=size, box=box)}
-        elif kind == "move":
-            w, h = o.box[2] - o.box[0], o.box[3] - o.box[1]
-            for _ in range(20):
-                x1, y1 = rng.randint(1, scene.width - w - 1), rng.randint(1, scene.height - h - 1)
-                moved = replace(o, box=(x1, y1, x1 + w, y1 + h))
-                cell = Scene(0, scene.width, scene.height, "", (moved,)).cell(moved)
-                if cell != scene.cell(o) and not _overlaps(moved.box, objs[:i] + objs[i + 1:]):
-                    new = {i: moved}
-                    break
-        else:
-            bg = rng.choice([b for b in BACKGROUNDS if b != scene.background])
-            return replace(scene, background=bg), kind
-        if new:
-            return replace(scene, objects=tuple(new.get(k, p) for k, p in enumerate(objs))), kind
-    return None
-
-
-class TextTower(nn.Module):
-    """The throwaway text side of contrastive pretraining: a small pre-norm transformer over token ids,
-    mean-pooled over real tokens. Word order matters here (it binds colours to shapes and positions to
-    objects), so it is not a bag of embeddings."""
-
-    def __init__(self, vocab_size: int, dim: int = 128, layers: int = 2, heads: int = 4, max_len: int = 96,
-                 embed_dim: int = 128):
-        super().__init__()
-        self.tokens = nn.Embedding(vocab_size, dim)
-        self.positions = nn.Parameter(torch.randn(max_len, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
-        self.proj = nn.Linear(dim, embed_dim)
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.tokens(ids) + self.positions[: ids.shape[1]]  # (B, T, dim)
-        x = self.norm(self.encoder(x, src_key_padding_mask=mask == 0))
-        m = mask.unsqueeze(-1).to(x.dtype)
-        return self.proj((x * m).sum(1) / m.sum(1).clamp(min=1))  # (B, embed_dim)
-
-
-class _Contrastive(nn.Module):
-    """Vision encoder + text tower + projections + temperatures.
-
-    Image embedding: the mean of ``last_hidden_state`` over all tokens, so every patch token (what the
-    Q-Former later reads) is trained, not only the class token. Region embedding: the patch tokens under an
-    object's box, averaged with weights = the fraction of each patch the box covers."""
-
-    def __init__(self, vision, text: TextTower, embed_dim: int):
-        super().__init__()
-        self.vision, self.text = vision, text
-        self.image_proj = nn.Linear(vision.config.hidden_size, embed_dim)
-        self.region_proj = nn.Linear(vision.config.hidden_size, embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.region_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.vision(pixel_values=pixels).last_hidden_state  # (B, 1 + P, D)
-
-    def embed_images(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(hidden.mean(1)), dim=-1)
-
-    def embed_regions(self, hidden: torch.Tensor, image_index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        patches = hidden[image_index, 1:]  # (K, P, D): the class token is not a place
-        return F.normalize(self.region_proj(torch.einsum("kp,kpd->kd", weights, patches)), dim=-1)
-
-    def embed_texts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text(ids, mask), dim=-1)
-
-
-def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE between rows of ``a`` and ``b`` (L2-normalised). ``same[i, j]`` is True where texts i
-    and j are equal strings: such pairs are all positives (targets spread over them), not false negatives."""
-    logits = logit_scale.exp().clamp(max=100) * a @ b.t()  # (N, N)
-    targets = same.float() / same.float().sum(1, keepdim=True)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-
-
-def vision_losses(model: _Contrastive, batch: dict) -> dict[str, torch.Tensor]:
-    """``contrastive_loss`` (image vs caption) and ``region_loss`` (object box vs object phrase)."""
-    hidden = model.encode(batch["pixels"])
-    out = {"contrastive_loss": info_nce(model.embed_images(hidden), model.embed_texts(*batch["text"]),
-                                        model.logit_scale, batch["same_text"])}
-    if "regions" in batch:
-        index, weights = batch["regions"]
-        out["region_loss"] = info_nce(model.embed_regions(hidden, index, weights),
-                                      model.embed_texts(*batch["phrases"]), model.region_logit_scale,
-                                      batch["same_phrase"])
-    return out
-
-
-def object_phrase(scene: Scene, obj: Obj) -> str:
-    """The detailed caption's sentence for one object, without its full stop."""
-    return f"a {obj.size} {obj.colour} {obj.shape} is {POSITION_PHRASES[scene.cell(obj)]}"
-
-
-def patch_weights(scene: Scene, obj: Obj, grid: int) -> torch.Tensor:
-    """(grid * grid,) weights: the fraction of each patch that ``obj``'s box covers, normalised to sum 1."""
-    edges_x = torch.linspace(0, scene.width, grid + 1)
-    edges_y = torch.linspace(0, scene.height, grid + 1)
-    x1, y1, x2, y2 = obj.box
-    wx = (torch.minimum(edges_x[1:], torch.tensor(float(x2))) - torch.maximum(edges_x[:-1], torch.tensor(float(x1))))
-    wy = (torch.minimum(edges_y[1:], torch.tensor(float(y2))) - torch.maximum(edges_y[:-1], torch.tensor(float(y1))))
-    w = wy.clamp(min=0)[:, None] * wx.clamp(min=0)[None, :]  # (grid, grid), row-major like the patch sequence
-    return (w / w.sum()).flatten()
-
-
-def _vision_batch(seed: int, split: str, indices: Sequence[int], levels: Sequence[str], twins: bool,
-                  max_objects: int, render_size: int) -> tuple[list, list[str], list[str | None], list[Scene]]:
-    """Images, captions, edit kinds and scenes for scenes ``indices``; with ``twins``, each scene is followed by
-    its edited twin (edit kind None for the originals)."""
-    images, texts, kinds, scenes = [], [], [], []
-    pairs = shapes.ALL_PAIRS if split == "heldout" else SEEN_PAIRS
-    for index in indices:
-        scene = make_scene(seed, split, index, width=render_size, height=render_size, max_objects=max_objects)
-        rng = Random(f"qbridge-pretrain-vision/{seed}/{split}/{index}")
-        level = rng.choice(levels)
-        group = [(scene, None)]
-        if twins:
-            for _ in range(3):  # an edit can leave the caption unchanged (e.g. a move within a cell row)
-                twin = twin_scene(scene, rng, pairs)
-                if twin and caption(twin[0], level) != caption(scene, level):
-                    group.append(twin)
-                    break
-        for s, kind in group:
-            images.append(render(s))
-            texts.append(caption(s, level))
-            kinds.append(kind)
-            scenes.append(s)
-    return images, texts, kinds, scenes
-
-
-def _collate_vision(images, texts, scenes, tokenizer, processor, grid: int, regions: bool) -> dict:
-    batch = {"pixels": processor(images=images, return_tensors="pt").pixel_values,
-             "text": _pad(_encode(tokenizer, texts, 96), tokenizer.pad_token_id)[:2],
-             "same_text": torch.tensor([[a == b for b in texts] for a in texts])}
-    if regions:
-        objs = [(i, s, o) for i, s in enumerate(scenes) for o in s.objects]
-        phrases = [object_phrase(s, o) for _, s, o in objs]
-        batch["regions"] = (torch.tensor([i for i, _, _ in objs]),
-                            torch.stack([patch_weights(s, o, grid) for _, s, o in objs]))
-        batch["phrases"] = _pad(_encode(tokenizer, phrases, 32), tokenizer.pad_token_id)[:2]
-        batch["same_phrase"] = torch.tensor([[a == b for b in phrases] for a in phrases])
-    return batch
-
-
-def vision_config(*, image_size: int = 128, patch_size: int = 16, hidden_size: int = 192, num_layers: int = 4,
-                  num_heads: int = 3, intermediate_size: int = 768):
-    """The demo vision encoder's ``Blip2VisionConfig``: an 8x8 patch grid (+ class token) at 128 px. head_dim 64;
-    at 160 px (a 10x10 grid) a step costs about 1.5 times as much."""
-    from transformers import Blip2VisionConfig
-
-    # initializer_range: BLIP-2's default (1e-10) assumes loaded weights; from scratch it must be real.
-    return Blip2VisionConfig(hidden_size=hidden_size, intermediate_size=intermediate_size,
-                             num_hidden_layers=num_layers, num_attention_heads=num_heads, image_size=image_size,
-                             patch_size=patch_size, initializer_range=0.02)
 
 
 def image_processor(image_size: int = 128):
@@ -686,141 +461,9 @@ def image_processor(image_size: int = 128):
                                  image_std=list(IMAGE_STD), do_convert_rgb=True)
 
 
-def _top1(sim: torch.Tensor, same: torch.Tensor) -> tuple[int, int]:
-    """Hits of row->column and column->row top-1 retrieval, an equal text counting as a hit."""
-    n = torch.arange(sim.shape[0])
-    return same[n, sim.argmax(1)].sum().item(), same[sim.argmax(0), n].sum().item()
-
-
-@torch.no_grad()
-def evaluate_vision(model: _Contrastive, tokenizer, processor, *, seed: int = 0, split: str = "val",
-                    n_batches: int = 4, batch_size: int = 64, levels: Sequence[str] = ("normal", "detailed"),
-                    max_objects: int = 4, render_size: int = 224) -> dict[str, float]:
-    """On held-out scenes: in-batch top-1 retrieval (image->text, text->image) over batches of ``batch_size``
-    random scenes, an equal caption counting as a hit; region->phrase top-1 over all objects of the batch;
-    and twin accuracy (an image scores its own caption above its one-edit twin's caption, and the twin
-    likewise), overall and per edit kind."""
-    model.eval()
-    grid = model.vision.config.image_size // model.vision.config.patch_size
-    hits = Counter()
-    twin_hits: Counter = Counter()
-    twin_total: Counter = Counter()
-    for b in range(n_batches):
-        indices = range(b * batch_size, (b + 1) * batch_size)
-        images, texts, _, scenes = _vision_batch(seed, split, indices, levels, False, max_objects, render_size)
-        batch = _collate_vision(images, texts, scenes, tokenizer, processor, grid, True)
-        hidden = model.encode(batch["pixels"])
-        i2t, t2i = _top1(model.embed_images(hidden) @ model.embed_texts(*batch["text"]).t(), batch["same_text"])
-        r2p, p2r = _top1(model.embed_regions(hidden, *batch["regions"]) @ model.embed_texts(*batch["phrases"]).t(),
-                         batch["same_phrase"])
-        hits.update(i2t=i2t, t2i=t2i, images=len(texts), r2p=r2p, p2r=p2r, regions=len(batch["same_phrase"]))
-
-        images, texts, kinds, scenes = _vision_batch(seed, split, indices[: batch_size // 2], levels, True,
-                                                     max_objects, render_size)
-        batch = _collate_vision(images, texts, scenes, tokenizer, processor, grid, False)
-        sim = model.embed_images(model.encode(batch["pixels"])) @ model.embed_texts(*batch["text"]).t()
-        for i, kind in enumerate(kinds):
-            if kind is not None:
-                base = i - 1  # a twin follows its scene
-                twin_hits[kind] += (sim[base, base] > sim[base, i]).item() + (sim[i, i] > sim[i, base]).item()
-                twin_total[kind] += 2
-    model.train()
-    out = {"retrieval_i2t": hits["i2t"] / hits["images"], "retrieval_t2i": hits["t2i"] / hits["images"],
-           "region_r2p": hits["r2p"] / hits["regions"], "region_p2r": hits["p2r"] / hits["regions"],
-           "twin_accuracy": sum(twin_hits.values()) / max(1, sum(twin_total.values()))}
-    out.update({f"twin_{k}": twin_hits[k] / twin_total[k] for k in EDITS if twin_total[k]})
-    return out
-
-
-def pretrain_vision(out_dir: str | Path | None = None, steps: int = 400, *, image_size: int = 128,
-                    patch_size: int = 16, hidden_size: int = 192, num_layers: int = 4, num_heads: int = 3,
-                    intermediate_size: int = 768, tokenizer=None, text_dim: int = 128, text_layers: int = 2,
-                    embed_dim: int = 128, batch_size: int = 64, lr: float = 1e-3, warmup: int | None = None,
-                    weight_decay: float = 0.05, seed: int = 0, levels: Sequence[str] = ("normal", "detailed"),
-                    twins: bool = True, region_weight: float = 1.0, max_objects: int = 4, render_size: int = 224,
-                    eval_batches: int = 4, progress: bool = True) -> dict:
-    """Contrastively pretrain a ``Blip2VisionModel`` against a throwaway text tower on world (image, caption)
-    pairs rendered on the fly from train-split scenes; save the encoder and its ``BlipImageProcessor``.
-
-    Loss: CLIP's symmetric InfoNCE between image and caption embeddings, plus ``region_weight`` times the same
-    loss between each object's box-pooled patch tokens and its phrase ("a small red circle is in the top
-    left"; all objects of the batch are negatives), as in grounded pretraining (GLIP, RegionCLIP): it makes
-    each patch token say what lies there, which the Q-Former needs for detection and detailed captions.
-    Half of each batch is scenes, the other half their one-edit twins (:func:`twin_scene`), so the image
-    embedding must tell colours, shapes, sizes, positions and backgrounds apart, not just count objects.
-    ``tokenizer`` (the LLM's, its directory, or None: trained here) feeds only the text tower, which is
-    discarded. Returns metrics: ``first_loss``/``final_loss`` (summed loss), ``final_losses`` (per term),
-    ``val`` (:func:`evaluate_vision`), timings.
-    """
-    from transformers import Blip2VisionModel
-
-    if levels is None or not set(levels) <= set(LEVELS):
-        raise ValueError(f"levels must be a subset of {LEVELS}, got {levels}")
-    if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
-    tokenizer = _load_tokenizer(tokenizer)
-    processor = image_processor(image_size)
-    torch.set_flush_denormal(True)
-    torch.manual_seed(seed)
-    vision = Blip2VisionModel(vision_config(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
-                                            num_layers=num_layers, num_heads=num_heads,
-                                            intermediate_size=intermediate_size))
-    model = _Contrastive(vision, TextTower(len(tokenizer), text_dim, text_layers, embed_dim=embed_dim), embed_dim)
-    model.train()
-    opt = _optimizer(model, lr, weight_decay)
-    warmup = max(1, steps // 10) if warmup is None else warmup
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
-    per_step = batch_size // 2 if twins else batch_size
-    grid = image_size // patch_size
-
-    losses: list[float] = []
-    terms: dict[str, list[float]] = {}
-    start, cpu_start = time.perf_counter(), time.process_time()
-    bar = tqdm(range(steps), desc="vision", unit="step", disable=not progress)
-    for step in bar:
-        images, texts, _, scenes = _vision_batch(seed, "train", range(step * per_step, (step + 1) * per_step),
-                                                 levels, twins, max_objects, render_size)
-        batch = _collate_vision(images, texts, scenes, tokenizer, processor, grid, region_weight > 0)
-        parts = vision_losses(model, batch)
-        loss = parts["contrastive_loss"] + region_weight * parts.get("region_loss", 0.0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        for k, v in parts.items():
-            terms.setdefault(k, []).append(v.item())
-        if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}",
-                            T=f"{1 / model.logit_scale.exp().item():.3f}")
-    bar.close()
-    metrics = {
-        **_run_metrics(losses, steps, start, cpu_start),
-        "final_losses": {k: sum(v[-10:]) / len(v[-10:]) for k, v in terms.items()},
-        "temperature": 1 / model.logit_scale.exp().item(),
-        "parameters": sum(p.numel() for p in vision.parameters()),
-        "val": evaluate_vision(model, tokenizer, processor, seed=seed, n_batches=eval_batches, levels=levels,
-                               max_objects=max_objects, render_size=render_size) if eval_batches else {},
-    }
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        vision.save_pretrained(str(out))
-        processor.save_pretrained(str(out))
-        _write_json(out / "pretrain.json", {"component": "vision", "seed": seed, "batch_size": batch_size,
-                                            "lr": lr, "levels": list(levels), "twins": twins,
-                                            "region_weight": region_weight, "render_size": render_size,
-                                            "metrics": metrics})
-    metrics["model"] = vision
-    return metrics
-
-
 # ----------------------------------------------------------------------------- CLI
 
 TINY_LLM = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 96}
-TINY_VISION = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 96, "image_size": 64,
-               "patch_size": 16, "text_dim": 32, "text_layers": 1, "embed_dim": 32}
 
 
 def _report(metrics: dict) -> str:
@@ -854,18 +497,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--tiny", action="store_true", help="a tiny model, for smoke runs")
 
-    p = sub.add_parser("vision", help="contrastively pretrain the small BLIP-2 vision encoder")
+    p = sub.add_parser("vision", help="pretrain the small ResNet vision tower on dense world labels (training.vision)")
     common(p)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: train one)")
+    p.add_argument("--steps", type=int, default=640)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--region-weight", type=float, default=1.0,
-                   help="weight of the object-box vs object-phrase loss (0: image-level CLIP loss only)")
-    p.add_argument("--no-twins", action="store_true", help="random batches only, no one-edit hard negatives")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--image-size", type=int, default=160)
     p.add_argument("--tiny", action="store_true", help="a tiny model, for smoke runs")
     args = parser.parse_args(argv)
 
@@ -880,12 +517,11 @@ def main(argv: list[str] | None = None) -> int:
                                batch_size=args.batch_size, lr=args.lr, progress=not args.quiet, **sizes)
         print(_report(metrics))
     else:
-        sizes = dict(TINY_VISION) if args.tiny else {"image_size": args.image_size, "patch_size": args.patch_size,
-                                                      "num_layers": args.layers}
-        metrics = pretrain_vision(args.out, args.steps, tokenizer=args.tokenizer, batch_size=args.batch_size,
-                                  lr=args.lr, seed=args.seed, twins=not args.no_twins, region_weight=args.region_weight,
-                                  progress=not args.quiet,
-                                  **sizes)
+        from training.vision import TINY, pretrain_tower
+
+        sizes = dict(TINY, batch_size=args.batch_size) if args.tiny else {"batch_size": args.batch_size}
+        metrics = pretrain_tower(args.out, args.steps, image_size=args.image_size, seed=args.seed, lr=args.lr,
+                                 progress=not args.quiet, **sizes)
         print(_report(metrics))
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -58,18 +59,51 @@ def quantile_levels(scores: list[float], levels: int) -> tuple[list[int], list[f
     return lv.tolist(), edges.tolist()
 
 
-def score_and_bin(cfg: TrainConfig, stage1_dir: str, levels: int, out: str | None = None) -> Path:
+# What stage 1 trains and writes (training.train): the LLM-side parts come with stage 2.
+STAGE1_PARTS = ("ln_vision", "qformer")
+
+
+def load_stage1(cfg: TrainConfig, stage1_dir: str):
+    """The stage-1 bridge (no LLM) with its trained weights; every trained key must be there."""
     from safetensors.torch import load_file
 
-    from training.data import caption_examples
     from training.train import build_parts
 
     parts = build_parts(cfg, with_llm=False)
     state = load_file(Path(stage1_dir) / "final" / "stage1.safetensors")
-    with torch.no_grad():
-        for k, v in parts.bridge.state_dict(keep_vars=True).items():
-            if k in state:
-                v.copy_(state[k])
+    own = {k: v for k, v in parts.bridge.trainable_state_dict().items() if k.startswith(STAGE1_PARTS)}
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"{stage1_dir}: stage-1 weights do not fit this config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    parts.bridge.load_state_dict(state, strict=False)
+    return parts
+
+
+@torch.no_grad()
+def stage1_retrieval(cfg: TrainConfig, stage1_dir: str, split: str = "val", n: int | None = None) -> dict:
+    """ITC retrieval figures (``training.evaluate.retrieval_figures``) of a stage-1 run on a clean split."""
+    from training.data import VisionFeatures, caption_examples
+    from training.evaluate import retrieval_figures
+
+    parts = load_stage1(cfg, stage1_dir)
+    bridge = parts.bridge.eval()
+    data = json.loads((Path(cfg.data.root) / f"captions_{split}.json").read_text())
+    images = sorted(data["images"], key=lambda im: im["id"])[:n]
+    wanted = {im["id"] for im in images}
+    examples = {e.image_id: e for e in caption_examples(replace(cfg.data, split=split, captions="captions_{split}.json"))
+                if e.image_id in wanted}
+    source = VisionFeatures(bridge.encode_images, parts.image_processor)
+    ordered = [examples[im["id"]] for im in images]
+    feats = torch.cat([source(ordered[i: i + 64])[0] for i in range(0, len(ordered), 64)])
+    anns = [a for a in data["annotations"] if a["image_id"] in wanted and a.get("noise", "none") == "none"]
+    return retrieval_figures(bridge, parts.qformer_tokenizer, feats, [im["id"] for im in images], anns)
+
+
+def score_and_bin(cfg: TrainConfig, stage1_dir: str, levels: int, out: str | None = None) -> Path:
+    from training.data import caption_examples
+
+    parts = load_stage1(cfg, stage1_dir)
     root = Path(cfg.data.root)
     source_file = root / cfg.data.captions.format(split=cfg.data.split)
     data = json.loads(source_file.read_text())

@@ -49,6 +49,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from qformer.boxes import reading_order_key
+
 WORLD_VERSION = 1
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "diamond", "cross")
@@ -322,11 +324,9 @@ def _phrase(count: int, words: list[str], shape: str) -> str:
     return f"{NUMBER_WORDS[count]} {' '.join(words + [PLURALS[shape]])}"
 
 
-def _reading_order(scene: Scene) -> list[Obj]:
-    def key(o: Obj):
-        row, col = scene.cell(o)
-        return ROWS.index(row), COLS.index(col), o.box[1], o.box[0]
-    return sorted(scene.objects, key=key)
+def reading_order(scene: Scene) -> list[Obj]:
+    """The scene's objects in the order captions, scene descriptions and detection targets list them."""
+    return sorted(scene.objects, key=lambda o: reading_order_key(o.box, scene.width, scene.height))
 
 
 def _there_are(n: int) -> str:
@@ -335,7 +335,7 @@ def _there_are(n: int) -> str:
 
 def caption(scene: Scene, level: str) -> str:
     """The clean reference caption of ``scene`` at ``level`` (see the module docstring)."""
-    objs = _reading_order(scene)
+    objs = reading_order(scene)
     if level == "brief":
         groups = Counter((o.colour, o.shape) for o in objs)  # insertion order = reading order
         return _join([_phrase(k, [c], s) for (c, s), k in groups.items()])

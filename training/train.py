@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qformer.boxes import BoxCodec
-from qformer.bridge import Bridge, load_llm, load_vision_encoder
+from qformer.bridge import Bridge, load_llm, load_vision_encoder, vision_hidden_size
 from qformer.bundle import save_bundle, weights_sha256
 from qformer.config import BridgeConfig, ComponentRef, QFormerConfig
 from qformer.qformer import AttentionMode
@@ -80,12 +80,12 @@ def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
             tokenizer.add_tokens(BoxCodec(m.num_loc_bins).tokens())
     llm_hidden = AutoConfig.from_pretrained(m.llm).get_text_config().hidden_size if m.llm else 0
     qcfg = QFormerConfig(
-        **{**m.qformer, "encoder_hidden_size": vision.config.hidden_size, "vocab_size": len(qtok),
+        **{**m.qformer, "encoder_hidden_size": vision_hidden_size(vision), "vocab_size": len(qtok),
            "pad_token_id": qtok.pad_token_id}
     )
     bcfg = BridgeConfig(
         qformer=qcfg,
-        vision_hidden_size=vision.config.hidden_size,
+        vision_hidden_size=vision_hidden_size(vision),
         llm_hidden_size=llm_hidden or qcfg.hidden_size,
         num_quality_levels=m.num_quality_levels,
         quality_prompt_len=m.quality_prompt_len,
@@ -389,7 +389,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
             ctx = accelerator.no_sync(module) if micro < cfg.run.grad_accum - 1 else _null()
             with ctx, accelerator.autocast():
                 if stage2:
-                    targets = [detection_target(e, codec, rng) if task == "detect" else e.target for e in batch]
+                    targets = [detection_target(e, codec) if task == "detect" else e.target for e in batch]
                     ids, mask, labels = tokenize_stage2(parts.tokenizer, batch, cfg.data.max_text_tokens, targets)
                     quality = None
                     if task == "caption" and bridge.cfg.num_quality_levels:

@@ -1,0 +1,64 @@
+"""The demo build's machinery: steps that resume, `--only STEP`, and gates that stop the build."""
+
+import json
+
+import pytest
+
+from training.demo import STEP_NAMES, GateMissed, Steps, gate, main
+
+
+def _steps(tmp_path, only=None):
+    return Steps({name: 1.0 for name in STEP_NAMES}, tmp_path / "timings.json", only)
+
+
+def test_a_step_with_its_output_is_skipped_and_only_reruns_one_step_from_nothing(tmp_path):
+    ran = []
+
+    def make(name, marker):
+        def fn():
+            ran.append(name)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(name)
+        return fn
+
+    markers = {name: tmp_path / name.replace(" ", "_") / "done" for name in STEP_NAMES[:3]}
+    steps = _steps(tmp_path)
+    for name, marker in markers.items():
+        steps.run(name, marker, make(name, marker))
+    assert ran == list(STEP_NAMES[:3])
+    stale = markers["tokenizer"].parent / "old-checkpoint"
+    stale.write_text("x")
+    steps = _steps(tmp_path)  # a resumed build skips what is done
+    for name, marker in markers.items():
+        steps.run(name, marker, make(name, marker))
+    assert ran == list(STEP_NAMES[:3])
+    steps = _steps(tmp_path, only="tokenizer")  # --only: that step alone, anew, its old outputs cleared
+    for name, marker in markers.items():
+        steps.run(name, marker, make(name, marker), clear=(marker.parent,))
+    assert ran == [*STEP_NAMES[:3], "tokenizer"]
+    assert not stale.exists()
+    assert set(json.loads((tmp_path / "timings.json").read_text())) == set(STEP_NAMES[:3])
+
+
+def test_only_a_step_whose_inputs_are_missing_says_which_step_to_run_first(tmp_path):
+    steps = _steps(tmp_path, only="llm")
+    with pytest.raises(SystemExit, match="run `qbridge demo build --only 'data'` first"):
+        steps.run("data", tmp_path / "data" / "world.json", lambda: None)
+
+
+def test_a_missed_gate_stops_the_build_and_writes_its_figures(tmp_path):
+    target = tmp_path / "gates" / "vision.json"
+    with pytest.raises(GateMissed, match=r"(?s)gate .vision. missed: shape 0\.500 < 0\.95.*--only vision"):
+        gate("vision", {"shape": 0.5}, ["shape 0.500 < 0.95"], target, True, "rerun `--only vision`.")
+    written = json.loads(target.read_text())
+    assert written == {"gate": "vision", "figures": {"shape": 0.5}, "passed": False, "missed": ["shape 0.500 < 0.95"]}
+    gate("vision", {"shape": 0.5}, ["shape 0.500 < 0.95"], target, False, "")  # --ignore-gates: goes on
+    gate("vision", {"shape": 0.99}, [], target, True, "")
+    assert json.loads(target.read_text())["passed"] is True
+
+
+def test_help_lists_the_steps(capsys):
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--only" in out and "vision gate" in out and "--ignore-gates" in out
