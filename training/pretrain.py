@@ -389,14 +389,16 @@ def evaluate_llm(model, tokenizer, seed: int = 0, n_scenes: int = 200, max_len: 
 
 def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, steps: int = 800, *, seed: int = 0,
                  batch_size: int = 64, lr: float = 2e-3, warmup: int | None = None, weight_decay: float = 0.1,
-                 max_len: int = 128, noise: float = 0.1, context: float = 0.8, hidden_size: int = 256, num_layers: int = 4,
+                 max_len: int = 128, noise: float = 0.1, context: float = 1.0, hidden_size: int = 256, num_layers: int = 4,
                  num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 688,
                  eval_scenes: int = 200, progress: bool = True) -> dict:
     """Train a small ``LlamaForCausalLM`` from scratch on world text; save it with its tokenizer.
 
     ``data``: None (text generated scene by scene from ``seed``, endless), a written dataset directory
     (:func:`dataset_texts`), or a list of texts. ``tokenizer``: a tokenizer, its directory, or None (trained
-    here). ``context``: the share of clean documents read after their scene description. Returns metrics:
+    here). ``context``: the share of clean documents read after their scene description (measured with the
+    oracle gate, 1500 steps: 0.8 gave caption precision 0.45, 1.0 gave 0.999; the bridge always puts
+    queries there, so a document without one teaches nothing it needs). Returns metrics:
     ``first_loss``/``final_loss`` (train, mean of the first/last 10 steps),
     ``val`` (:func:`evaluate_llm`), ``seconds``, ``seconds_per_step``. With ``out_dir`` the model
     (safetensors), tokenizer and ``pretrain.json`` are written there.

@@ -3,7 +3,7 @@
     python -m training.pretrain vision --out demo/vision --steps 640
     python -m training.vision probe --model demo/vision          (the gate alone, on a saved tower)
 
-Why a conv net: measured on 2 cores (DESIGN.md section 8), a small ``Blip2VisionModel`` trained from scratch
+Why a conv net: measured on 2 cores (README, "The demo model"), a small ``Blip2VisionModel`` trained from scratch
 on the same objective stayed at chance on shape after 300 steps, while a ResNet of 1.56 M parameters
 reached 0.53 and then 0.87; the ViT was replaced, not tuned.
 
