@@ -276,6 +276,15 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
                              lr=lr, betas=(0.9, 0.95))
 
 
+def optimizer_step(model: nn.Module, loss: torch.Tensor, opt, sched, clip: float = 1.0) -> float:
+    """Backward, clip, step the optimizer and the schedule, clear the gradients; -> the loss."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
 
 def _run_metrics(losses: list[float], steps: int, start: float, cpu_start: float) -> dict:
     """Timings and the loss curve (means over 10 steps) of a pretraining run."""
@@ -425,12 +434,7 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
         rows = next(batches)
         ids, mask, labels = _pad([r for r, _ in rows], tokenizer.pad_token_id, [n for _, n in rows])
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, loss, opt, sched))
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     bar.close()

@@ -149,7 +149,7 @@ def pretrain_tower(out_dir: str | Path | None = None, steps: int = 640, *, image
     (:func:`probe_tower`; ``probe_scenes=(0, 0)`` skips it)."""
     from transformers import ResNetModel
 
-    from training.pretrain import _optimizer, _run_metrics, _schedule, _write_json, image_processor
+    from training.pretrain import _optimizer, _run_metrics, _schedule, _write_json, image_processor, optimizer_step
 
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)
@@ -169,13 +169,7 @@ def pretrain_tower(out_dir: str | Path | None = None, steps: int = 640, *, image
         # scene indices never repeat: every step draws new scenes
         pixels, target, _ = _batch(seed, "train", range(step * batch_size, (step + 1) * batch_size), processor, grid)
         parts = dense_loss(heads(tokens_of(tower, pixels)), target)
-        loss = sum(parts.values())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, sum(parts.values()), opt, sched))
         for k, v in parts.items():
             terms.setdefault(k, []).append(v.item())
         if step % 10 == 0 or step == steps - 1:
