@@ -62,3 +62,19 @@ def test_help_lists_the_steps(capsys):
         main(["build", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--only" in out and "vision gate" in out and "--ignore-gates" in out
+
+
+def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["build", "--out", str(out), "--quick"]) == 0  # tiny parts: gates reported, not enforced
+    assert set(json.loads((out / "timings.json").read_text())) == set(STEP_NAMES)
+    for part in ("llm", "vision", "stage1"):
+        entry = json.loads((out / "gates" / f"{part}.json").read_text())
+        assert entry["gate"] in ("llm", "vision", "stage 1") and isinstance(entry["passed"], bool)
+    report = (out / "REPORT.md").read_text()
+    assert "## Gates" in report and "| vision | shape |" in report and "| llm | vqa_accuracy |" in report
+    assert (out / "stage2" / "bundle" / "qbridge.json").exists()
+    # one step again, alone: the rest stays as it was
+    before = (out / "report.json").stat().st_mtime_ns
+    assert main(["build", "--out", str(out), "--quick", "--only", "vision gate"]) == 0
+    assert (out / "report.json").stat().st_mtime_ns == before

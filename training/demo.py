@@ -285,7 +285,8 @@ def write_report(out: Path, plan: Plan) -> None:
 
     targets = {"llm": LLM_GATE, "vision": VISION_GATE, "stage1": {"i2t_r1": STAGE1_GATE}}
     for g, entry in gates.items():
-        for k, v in entry["figures"].items():
+        figures = {**entry["figures"], **{f"vqa {t}": v for t, v in entry["figures"].get("vqa_per_type", {}).items()}}
+        for k, v in figures.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 t = targets[g].get(k)
                 lines.append(f"| {g} | {k} | {v:.3f} | {'' if t is None else t} | "

@@ -82,7 +82,11 @@ def evaluate_oracle(llm_dir: str | Path, data_dir: str | Path, split: str = "val
     answers = _generate(model, tokenizer, [desc[q["image_id"]] for q in questions],
                         [vqa_prompt(q["question"]) for q in questions], VQA_MAX_NEW_TOKENS, batch_size)
     preds = {q["question_id"]: a for q, a in zip(questions, answers)}
-    scores = vqa_scores(preds, [a for a in read("annotations_vqa")["annotations"] if a["question_id"] in preds])
+    annotations = [a for a in read("annotations_vqa")["annotations"] if a["question_id"] in preds]
+    scores = vqa_scores(preds, annotations)
+    per_type: dict[str, list[float]] = {}
+    for a in annotations:
+        per_type.setdefault(a.get("question_type", "unknown"), []).append(scores[a["question_id"]])
     bar.update()
 
     instances = read("instances")
@@ -104,6 +108,7 @@ def evaluate_oracle(llm_dir: str | Path, data_dir: str | Path, split: str = "val
     return {"split": split, "n_scenes": len(scenes), "vqa_accuracy": sum(scores.values()) / len(scores),
             "caption_precision": caption["precision"], "caption_recall": caption["recall"],
             "detection_map50": detection["map50"], "detection_map50_95": detection["map50_95"],
+            "vqa_per_type": {t: sum(v) / len(v) for t, v in sorted(per_type.items())},
             "examples": {"caption": captions[0], "detect": texts[0], "context": desc[ids[0]]}}
 
 
