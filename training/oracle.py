@@ -28,6 +28,7 @@ from training.evaluate import (
     scene_caption_scores, vqa_scores,
 )
 from training.pretrain import LOC_BINS, scene_description
+from training import vision
 from training.shapes import Scene
 
 GATE = {"vqa_accuracy": 0.98, "caption_precision": 0.98, "detection_map50": 0.95}
@@ -113,7 +114,7 @@ def evaluate_oracle(llm_dir: str | Path, data_dir: str | Path, split: str = "val
 
 
 def gate_failures(figures: dict, gate: dict[str, float] = GATE) -> list[str]:
-    return [f"{k} {figures.get(k, float('nan')):.3f} < {v}" for k, v in gate.items() if not figures.get(k, 0) >= v]
+    return vision.gate_failures(figures, gate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,6 +166,7 @@ def dataset_texts(data_dir: str | Path, split: str = "train") -> list[str]:
     if inst.exists():
         d = json.loads(inst.read_text())
         names = {c["id"]: c["name"] for c in d["categories"]}
+        codec = BoxCodec(LOC_BINS)
         sizes = {im["id"]: (im["width"], im["height"]) for im in d["images"]}
         per_image: dict[int, list] = {}
         for a in d["annotations"]:
@@ -175,7 +176,6 @@ def dataset_texts(data_dir: str | Path, split: str = "train") -> list[str]:
 
             anns.sort(key=lambda a, w=w, h=h: reading_order_key(
                 (a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]), w, h))
-            codec = BoxCodec(LOC_BINS)
             boxes = [codec.encode_box((x, y, x + bw, y + bh), w, h) for x, y, bw, bh in (a["bbox"] for a in anns)]
             texts.append(f"{detect_prompt()} " + "; ".join(
                 f"{names[a['category_id']]} {' '.join(map(str, b))}" for a, b in zip(anns, boxes)))
