@@ -59,7 +59,9 @@ def caption_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-new-tokens", type=int, default=30)
     p.add_argument("--quality", default=None, help="quality level number or name (default: the highest)")
-    p.add_argument("--prompt", default=None, help="text the caption continues from (default: the caption task prompt)")
+    p.add_argument(
+        "--prompt", default=None, help="text the caption continues from (default: the bundle's caption prompt)"
+    )
     p.add_argument(
         "--url",
         default=None,
@@ -79,7 +81,6 @@ def caption_main(argv: list[str] | None = None) -> int:
     from qformer import DEMO_BUNDLE
     from qformer.bundle import load_bundle
     from qformer.generation import GenerationConfig, generate
-    from qformer.prompts import caption_prompt
 
     if not args.model:
         if not (DEMO_BUNDLE / "qbridge.json").is_file():
@@ -95,7 +96,7 @@ def caption_main(argv: list[str] | None = None) -> int:
         image = ImageOps.exif_transpose(im).convert("RGB")
     pixels = bundle.image_processor(images=[image], return_tensors="pt").pixel_values
     feats = bundle.bridge.encode_images(pixels)
-    prompt = caption_prompt() if args.prompt is None else args.prompt
+    prompt = cfg.prompts.caption_prompt() if args.prompt is None else args.prompt
     (out,) = generate(
         bundle.bridge, bundle.tokenizer, feats, [prompt], quality, GenerationConfig(max_new_tokens=args.max_new_tokens)
     )

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from qformer.prompts import DEFAULT_PROMPTS, TaskPrompts
+
 
 @dataclass(frozen=True)
 class QFormerConfig:
@@ -68,6 +70,8 @@ class BridgeConfig:
     base_vocab_size: int = 0  # LLM vocabulary before the location tokens were added
     image_token_index: int | None = None  # kept from a transformers BLIP-2 checkpoint for export
     llm_quantization: str | None = None  # None | "8bit" | "4bit" (bitsandbytes, for the frozen LLM)
+    # The words the LLM was trained to read for each task; bundles without them predate them and used these.
+    prompts: TaskPrompts = DEFAULT_PROMPTS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,6 +87,7 @@ class BridgeConfig:
         d["vision"] = ComponentRef(**d["vision"]) if "vision" in d else ComponentRef("embedded", "vision")
         d["llm"] = ComponentRef(**d["llm"]) if "llm" in d else ComponentRef("embedded", "llm")
         d["quality_names"] = tuple(d.get("quality_names", ()))
+        d["prompts"] = TaskPrompts(**d["prompts"]) if "prompts" in d else DEFAULT_PROMPTS
         return cls(**d)
 
     def replace(self, **changes: Any) -> "BridgeConfig":

@@ -9,6 +9,10 @@ Key table (transformers -> bundle):
     vision_model.post_layernorm.*      -> ln_vision.*                      (BLIP-2's trainable ln_vision)
     language_projection.*              -> language_projection.*
     vision_model.*, language_model.*   -> embedded frozen components vision/, llm/
+
+The bundle asks the converted model BLIP-2's own task prompts (the `blip2-opt` preset of qformer.prompts),
+so it captions and answers as transformers' `generate` does with BLIP-2's documented prompts. Export writes
+weights only: transformers' format has no place for prompts.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from transformers import (
 from qformer.bridge import Bridge, strip_blip2_post_layernorm
 from qformer.bundle import Bundle, BundleError, load_bundle, refuse_pickles, save_bundle
 from qformer.config import BridgeConfig, QFormerConfig
+from qformer.prompts import preset
 
 
 def qformer_config_from_hf(q: Blip2QFormerConfig, num_query_tokens: int) -> QFormerConfig:
@@ -86,6 +91,9 @@ def from_hf_blip2(model: Blip2ForConditionalGeneration) -> Bridge:
         vision_layer_norm_eps=vision_eps,
         base_vocab_size=model.language_model.get_input_embeddings().num_embeddings,
         image_token_index=c.image_token_index,
+        # Only decoder-only LLMs convert (checked above), and BLIP-2 released those with OPT: its prompts are
+        # also the best guess for a BLIP-2 checkpoint with another decoder-only LLM.
+        prompts=preset("blip2-opt"),
     )
     post_ln = model.vision_model.post_layernorm
     bridge = Bridge(cfg, model.vision_model, model.language_model)

@@ -124,8 +124,13 @@ def _install_openapi(app: FastAPI) -> None:
             components.update(body.pop("$defs", {}))
             components[name] = body
             if form:
-                form_schema = {**body, "properties": {**body["properties"],
-                                                      "file": {"type": "string", "format": "binary"}}}
+                upload = {"type": "string", "format": "binary"}  # service.bodies.UPLOAD_PARTS
+                form_schema = {**body, "properties": {
+                    **body["properties"],
+                    "file": {**upload, "description": "the image file"},
+                    "image": {**upload, "description": "the image file (as 'file'), or as a text field base64 "
+                                                       "or a data URL"},
+                }}
                 form_schema["required"] = [r for r in body.get("required", []) if r != "image"]
                 form_schema["title"] = name + "Form"
                 components[name + "Form"] = form_schema

@@ -2,7 +2,7 @@
 
     parsed = await read_body(request, CaptionRequest, limits, list_fields=())
     parsed.model        # the validated pydantic model (422 with a fixed message when invalid)
-    parsed.file         # bytes of the multipart `file` part, or None
+    parsed.file         # bytes of the uploaded image (multipart part `file` or `image`), or None
     source = image_source(parsed)        # ("file", bytes) | ("image", base64 text) | ("image_id", id)
     loaded = await decode_image(*source, limits, limiter)  # service.images.LoadedImage, in a thread
 
@@ -11,6 +11,9 @@ rather than by Starlette, so that text fields are decoded as strict UTF-8 (Starl
 latin-1), the file part is capped at the image limit while it streams, and every parser complaint becomes
 one fixed 400 message. Form values are strings, so they are validated in lax mode; a list field repeats
 (`questions=a&questions=b`); an empty value counts as absent. Urlencoded forms work too (without a file).
+
+The image may be uploaded as the part `file` or the part `image` (`curl -F image=@photo.jpg` is what people
+type); a text field `image` (no filename) is base64 or a data URL, as in JSON.
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ M = TypeVar("M", bound=BaseModel)
 MAX_PARTS = 64  # a task request has a handful of fields; questions/labels repeat up to 16/32 times
 MAX_BOUNDARY = 200
 MAX_PART_HEADER = 4096  # RFC 2046 says 70; some clients are generous
-FILE_FIELD = "file"
+FILE_FIELD = "file"  # a part of this name is the upload, with or without a filename
+UPLOAD_PARTS = (FILE_FIELD, "image")  # parts that may carry the uploaded image (`image` only with a filename)
 
 
 @dataclass
 class Parsed(Generic[M]):
     model: M
     file: bytes | None = None
+    file_part: str = FILE_FIELD  # the multipart part the upload came in, for messages
 
 
 def media_type(request: Request) -> tuple[bytes, dict[bytes, bytes]]:
@@ -67,9 +72,9 @@ async def read_body(
         return Parsed(await read_json(request, model_cls))
     if ctype in (b"multipart/form-data", b"application/x-www-form-urlencoded"):
         if ctype == b"multipart/form-data":
-            fields, file = await read_multipart(request, params, limits)
+            fields, file, file_part = await read_multipart(request, params, limits)
         else:
-            fields, file = read_urlencoded(await request.body()), None
+            fields, file, file_part = read_urlencoded(await request.body()), None, FILE_FIELD
         data: dict[str, Any] = {}
         for name, value in fields:
             if value == "":
@@ -85,7 +90,7 @@ async def read_body(
             model = model_cls.model_validate(data)
         except ValidationError as exc:
             raise validation_error(list(exc.errors())) from None
-        return Parsed(model, file)
+        return Parsed(model, file, file_part)
     raise UnsupportedMediaType(
         "the request body must be application/json or multipart/form-data", code="unsupported_media_type"
     )
@@ -112,8 +117,12 @@ class _Part:
 
 async def read_multipart(
     request: Request, params: dict[bytes, bytes], limits: ImageLimits
-) -> tuple[list[tuple[str, str]], bytes | None]:
-    """(text fields in order, bytes of the `file` part). A file in any other part is a 400 that says so."""
+) -> tuple[list[tuple[str, str]], bytes | None, str]:
+    """(text fields in order, bytes of the uploaded image, the part it came in).
+
+    The upload is the part `file`, or a part `image` with a filename; a file in any other part, or two
+    uploads, is a 400 that says so.
+    """
     boundary = params.get(b"boundary")
     if not boundary or len(boundary) > MAX_BOUNDARY:
         raise BadRequest("the multipart body has no usable boundary", param="body", code="invalid_multipart")
@@ -161,7 +170,8 @@ async def read_multipart(
         part.data.extend(data[start:end])
         if part.is_file and len(part.data) > limits.max_image_bytes:
             raise PayloadTooLarge(
-                f"the uploaded image is over {limits.max_image_bytes / 2**20:.1f} MiB, the limit", param="file"
+                f"the uploaded image is over {limits.max_image_bytes / 2**20:.1f} MiB, the limit",
+                param=_param(part.name),
             )
 
     def on_end() -> None:
@@ -188,21 +198,22 @@ async def read_multipart(
 
     fields: list[tuple[str, str]] = []
     file: bytes | None = None
+    file_part = FILE_FIELD
     for part in parts:
         if part.name is None:
             continue
         if part.is_file:
-            if part.name != FILE_FIELD:  # e.g. curl -F image=@photo.jpg: say where the file goes
+            if part.name not in UPLOAD_PARTS:  # e.g. curl -F photo=@photo.jpg: say where the file goes
                 raise BadRequest(f"a file was uploaded as the multipart part {part.name!r}; upload the image as "
-                                 f"the part '{FILE_FIELD}' (base64 text goes in 'image')", param=part.name,
-                                 code="invalid_multipart")
-            elif file is not None:
-                raise BadRequest("send exactly one image per request", param="file", code="multiple_image_sources")
-            else:
-                file = bytes(part.data)
+                                 "the part 'file' or 'image'", param=part.name, code="invalid_multipart")
+            if file is not None:
+                raise BadRequest(f"send exactly one image per request; this request uploads one as the part "
+                                 f"'{file_part}' and another as '{part.name}'", param=part.name,
+                                 code="multiple_image_sources")
+            file, file_part = bytes(part.data), part.name
         else:
             fields.append((part.name, decode_text(bytes(part.data), param=_param(part.name))))
-    return fields, file
+    return fields, file, file_part
 
 
 def _check_header(buf: bytearray) -> None:
@@ -217,19 +228,22 @@ def _param(name: str) -> str:
 
 def image_source(parsed: Parsed) -> tuple[str, Any]:
     model = parsed.model
-    given = [(name, value) for name, value in (
-        ("file", parsed.file), ("image", getattr(model, "image", None)), ("image_id", getattr(model, "image_id", None))
+    given = [(kind, value, name) for kind, value, name in (
+        ("file", parsed.file, f"the upload '{parsed.file_part}'"),
+        ("image", getattr(model, "image", None), "the field 'image'"),
+        ("image_id", getattr(model, "image_id", None), "the field 'image_id'"),
     ) if value is not None]
     if not given:
         raise BadRequest(
-            "no image: send one of 'file' (multipart upload), 'image' (base64 or data URL) or 'image_id'",
-            param="image", code="missing_image",
+            "no image: upload one as the multipart part 'file' or 'image', or send 'image' (base64 or data URL) "
+            "or 'image_id'", param="image", code="missing_image",
         )
     if len(given) > 1:
-        names = " and ".join(f"'{name}'" for name, _ in given)
+        names = " and ".join(name for _, _, name in given)
         raise BadRequest(f"send exactly one image source; this request has {names}", param="image",
                          code="multiple_image_sources")
-    return given[0]
+    kind, value, _ = given[0]
+    return kind, value
 
 
 def _decode(kind: str, value: Any, limits: ImageLimits) -> LoadedImage:

@@ -1,7 +1,8 @@
 """Request and response schemas (pydantic only: no torch, no FastAPI).
 
 Task endpoints take the image one of three ways, exactly one per request:
-  - multipart/form-data with a `file` part (the other fields as form fields; list fields repeat), or
+  - multipart/form-data with the file in a `file` or `image` part (the other fields as form fields; list
+    fields repeat), or
   - JSON with `image`: base64 or a `data:image/...;base64,` URL, or
   - JSON (or form) with `image_id` from `POST /v1/images` (the encoded image is reused).
 
@@ -42,7 +43,8 @@ class _Out(BaseModel):
 
 class ImageSource(_Body):
     image: str | None = Field(
-        None, description="the image as base64 or a data URL (data:image/png;base64,...); or upload `file`"
+        None, description="the image as base64 or a data URL (data:image/png;base64,...); or, in multipart, "
+        "the file uploaded as the part `image` or `file`"
     )
     image_id: str | None = Field(
         None, pattern=IMAGE_ID_PATTERN, description="an id from POST /v1/images: skips the vision encoder"
@@ -80,7 +82,8 @@ class DetectRequest(ImageSource, GenerationParams):
 
 
 class ImageUploadRequest(_Body):
-    image: str = Field(description="the image as base64 or a data URL; or upload `file` as multipart")
+    image: str = Field(description="the image as base64 or a data URL; or, in multipart, "
+                       "the file uploaded as the part `image` or `file`")
 
 
 # --- responses -------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from qformer.boxes import BoxCodec
 from qformer.generation import GenerationConfig
-from qformer.prompts import caption_prompt, detect_prompt, vqa_prompt
 from service import chat as chatmap
 from service.bodies import decode_image, image_source, media_type, read_body, read_json
 from service.engine import Engine, Job, JobResult
@@ -221,7 +220,7 @@ async def caption(request: Request):
     config = generation_config(req, DEFAULT_MAX_NEW_TOKENS["caption"])
     fields, _ = await image_job_fields(state, image_source(parsed))
     try:
-        job = Job(prompts=[caption_prompt()], config=config, quality=quality, **fields)
+        job = Job(prompts=[engine.model_config.prompts.caption_prompt()], config=config, quality=quality, **fields)
         result = await run_job(request, engine, job)
     except ClientGone:
         return disconnected()
@@ -250,7 +249,8 @@ async def vqa(request: Request):
         questions = [check_question(q, state.limits, param=f"questions.{i}") for i, q in enumerate(raw)]
     config = generation_config(req, DEFAULT_MAX_NEW_TOKENS["vqa"])
     fields, _ = await image_job_fields(state, image_source(parsed))
-    job = Job(prompts=[vqa_prompt(q) for q in questions], config=config, **fields)  # no quality prompt: as trained
+    prompts = [engine.model_config.prompts.vqa_prompt(q) for q in questions]
+    job = Job(prompts=prompts, config=config, **fields)  # no quality prompt: as trained
     try:
         result = await run_job(request, engine, job)
     except ClientGone:
@@ -276,7 +276,8 @@ async def detect(request: Request):
     config = generation_config(req, default_tokens)
     fields, size = await image_job_fields(state, image_source(parsed))
     try:
-        result = await run_job(request, engine, Job(prompts=[detect_prompt(labels)], config=config, **fields))
+        job = Job(prompts=[cfg.prompts.detect_prompt(labels)], config=config, **fields)
+        result = await run_job(request, engine, job)
     except ClientGone:
         return disconnected()
     width, height = size or result.image_size
@@ -343,7 +344,7 @@ def _is_json(request: Request) -> bool:
 
 
 class _UploadForm(ImageUploadRequest):
-    image: str | None = None  # multipart: the `file` part, or `image` as a text field
+    image: str | None = None  # multipart: the upload (`file` or `image`), or `image` as a text field
 
 
 # --- OpenAI-compatible chat ------------------------------------------------------------------------
@@ -365,11 +366,12 @@ async def chat_completions(request: Request):
                        code="model_not_found")
     url, text = chatmap.conversation(req.messages, state.limits)
     task, question = chatmap.task_for(text)
+    prompts = engine.model_config.prompts
     if task == "vqa":
         question = check_question(question, state.limits, param="messages")
-        prompt, quality = vqa_prompt(question), None
+        prompt, quality = prompts.vqa_prompt(question), None
     else:
-        prompt, quality = caption_prompt(), resolve_quality(engine, req.quality)
+        prompt, quality = prompts.caption_prompt(), resolve_quality(engine, req.quality)
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     params = GenerationParams(
         max_new_tokens=req.max_completion_tokens or req.max_tokens,

@@ -1,5 +1,6 @@
 """Bundles: round trip, strict loading, no pickle, referenced components with a content hash."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qformer.bundle import BundleError, load_bundle, save_bundle, weights_sha256
-from qformer.config import ComponentRef
+from qformer.config import BridgeConfig, ComponentRef
 from qformer.generation import GenerationConfig, generate
-from qformer.prompts import caption_prompt
+from qformer.prompts import PRESETS, TaskPrompts, caption_prompt
 from tests.tiny import scene, tiny_bridge
 
 
@@ -109,6 +110,39 @@ def test_cli_caption_and_help(saved, tmp_path):
     listing = subprocess.run([sys.executable, "-m", "qformer.cli", "--help"], capture_output=True, text=True, timeout=300)
     for name in ("caption", "convert", "export-hf"):
         assert name in listing.stdout
+
+
+def test_prompts_round_trip_through_qbridge_json_and_bad_templates_are_refused():
+    cfg = BridgeConfig(prompts=TaskPrompts(caption="describe:", vqa="Q: {question} A:"))
+    again = BridgeConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.prompts.vqa_prompt(" how  many? ") == "Q: how many? A:"
+    assert again.prompts.detect_prompt([" red  circle", "blue square"]) == "detect red circle, blue square:"
+    for bad in ({"vqa": "question:"}, {"vqa": "{question} {answer}"}, {"caption": "{question}"},
+                {"detect_labels": "detect:"}, {"vqa": "{question"}):
+        with pytest.raises(ValueError, match="prompt"):
+            TaskPrompts(**bad)
+
+
+def test_a_bundle_from_before_prompts_loads_and_answers_with_todays_prompts(saved, tmp_path, capsys):
+    """qbridge.json written before the task prompts were part of it has no "prompts": it asks what it was trained on."""
+    from qformer.cli import caption_main
+
+    bridge, tok, proc, path = saved
+    old = _copy(path, tmp_path)
+    meta = json.loads((old / "qbridge.json").read_text())
+    assert meta["config"]["prompts"] == dataclasses.asdict(PRESETS["qbridge"])  # written since this change
+    del meta["config"]["prompts"]
+    (old / "qbridge.json").write_text(json.dumps(meta))
+    prompts = load_bundle(old).config.prompts
+    assert prompts == PRESETS["qbridge"]
+    assert (prompts.caption_prompt(), prompts.vqa_prompt("how  many?"), prompts.detect_prompt(["red circle"])) == (
+        "caption:", "question: how many? answer:", "detect red circle:")
+    image = tmp_path / "x.png"
+    scene(0).save(image)
+    assert caption_main([str(image), "--model", str(old), "--max-new-tokens", "8"]) == 0
+    f = bridge.encode_images(proc(images=[scene(0)], return_tensors="pt").pixel_values)
+    (want,) = generate(bridge, tok, f, ["caption:"], [2], GenerationConfig(max_new_tokens=8))
+    assert capsys.readouterr().out == want.text + "\n"
 
 
 def test_a_conv_tower_bundle_round_trips_and_export_hf_refuses_it(tmp_path, capsys):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from training.demo import STEP_NAMES, GateMissed, Steps, gate, main
+from training.demo import STEP_NAMES, GateMissed, Steps, gate, gate_marker, main
 
 
 def _steps(tmp_path, only=None):
@@ -52,9 +52,25 @@ def test_a_missed_gate_stops_the_build_and_writes_its_figures(tmp_path):
         gate("vision", {"shape": 0.5}, ["shape 0.500 < 0.95"], target, True, "rerun `--only vision`.")
     written = json.loads(target.read_text())
     assert written == {"gate": "vision", "figures": {"shape": 0.5}, "passed": False, "missed": ["shape 0.500 < 0.95"]}
+    assert not gate_marker(target).exists()  # a resumed build measures it again
     gate("vision", {"shape": 0.5}, ["shape 0.500 < 0.95"], target, False, "")  # --ignore-gates: goes on
+    assert gate_marker(target).exists()
+    gate_marker(target).unlink()
     gate("vision", {"shape": 0.99}, [], target, True, "")
-    assert json.loads(target.read_text())["passed"] is True
+    assert json.loads(target.read_text())["passed"] is True and gate_marker(target).exists()
+
+
+def test_a_resumed_build_measures_a_missed_gate_again(tmp_path):
+    target, runs = tmp_path / "gates" / "llm.json", []
+
+    def measure():
+        runs.append(1)
+        gate("llm", {"vqa": 0.5}, ["vqa 0.500 < 0.98"], target, True, "")
+
+    for _ in range(2):
+        with pytest.raises(GateMissed):
+            _steps(tmp_path).run("llm gate", gate_marker(target), measure)
+    assert len(runs) == 2
 
 
 def test_help_lists_the_steps(capsys):

@@ -10,7 +10,7 @@ import training.evaluate as ev
 from qformer.boxes import BoxCodec
 from qformer.bundle import Bundle, load_bundle, save_bundle
 from qformer.generation import Generated
-from qformer.prompts import caption_prompt, detect_prompt, vqa_prompt
+from qformer.prompts import TaskPrompts
 from tests.tiny import tiny_bridge
 from training import shapes
 from training.datasets import load_rgb
@@ -237,17 +237,20 @@ def test_an_oracle_model_scores_perfectly(world, monkeypatch):
     """Wiring check: with generation replaced by the ground truth, every model-run figure is perfect.
 
     A random model never writes a well-formed box, so this is where decoding, label -> category
-    mapping, pixel frame and xywh conversion meet COCOeval.
+    mapping, pixel frame and xywh conversion meet COCOeval. The oracle knows only the bundle's own task
+    prompts (not the default ones), so a perfect score also says the evaluation asked those.
     """
     root, _ = world
     data = root / "data"
     bridge, tok, proc = tiny_bridge(num_loc_bins=500)  # fine bins: boxes survive quantisation on 32 px images
+    own = TaskPrompts(caption="", vqa="Question: {question} Short answer:", detect="boxes:")
+    bridge.cfg = bridge.cfg.replace(prompts=own)
     bundle = Bundle(bridge, tok, proc, root, qformer_tokenizer=tok)
     scenes = {s["id"]: shapes.Scene.from_dict(s) for s in json.loads((data / "scenes_test.json").read_text())["scenes"]}
     questions = json.loads((data / "questions_test.json").read_text())["questions"]
     answers = {a["question_id"]: a["multiple_choice_answer"]
                for a in json.loads((data / "annotations_vqa_test.json").read_text())["annotations"]}
-    truth = {(q["image_id"], vqa_prompt(q["question"])): answers[q["question_id"]] for q in questions}
+    truth = {(q["image_id"], own.vqa_prompt(q["question"])): answers[q["question_id"]] for q in questions}
     feats = {i: bridge.encode_images(proc(images=[load_rgb(data / "images" / "test" / f"{i:012d}.png")],
                                           return_tensors="pt").pixel_values)[0] for i in scenes}
     codec = BoxCodec(500)
@@ -257,9 +260,9 @@ def test_an_oracle_model_scores_perfectly(world, monkeypatch):
         for f, prompt in zip(vision_feats, prompts):
             image_id = min(feats, key=lambda i: (feats[i] - f).abs().max().item())
             scene = scenes[image_id]
-            if prompt == caption_prompt():
+            if prompt == own.caption_prompt():
                 text = shapes.caption(scene, "normal")
-            elif prompt == detect_prompt():
+            elif prompt == own.detect_prompt():
                 text = codec.encode([(o.label, o.box) for o in scene.objects], scene.width, scene.height)
             else:
                 text = truth[(image_id, prompt)]

@@ -2,12 +2,22 @@
 
 import pytest
 import torch
-from transformers import Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2QFormerModel
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+)
 
 from qformer.bundle import load_bundle
+from qformer.cli import caption_main
 from qformer.config import QFormerConfig
 from qformer.generation import GenerationConfig, generate
-from qformer.hf_interop import convert, export_hf, qformer_config_from_hf
+from qformer.hf_interop import convert, convert_main, export_hf, qformer_config_from_hf
+from qformer.prompts import PRESETS
 from qformer.qformer import AttentionMode, QFormer
 from tests.tiny import save_tiny_blip2, scene
 
@@ -91,3 +101,61 @@ def test_export_round_trips(converted):
     for k, v in again.state_dict().items():
         assert torch.equal(v, original[k]), k
     assert set(again.state_dict()) == set(original)
+
+
+# --- a converted BLIP-2 asks BLIP-2's prompts -------------------------------------------------------------
+
+
+def blip2_greedy(model, checkpoint, image, question: str | None = None, max_new_tokens: int = 30) -> list[int]:
+    """transformers' greedy tokens the way BLIP-2 documents the call: its processor, no text for a caption,
+    "Question: {q} Answer:" for a question, then `generate` (cut at EOS)."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    processor = Blip2Processor(AutoImageProcessor.from_pretrained(checkpoint), tokenizer,
+                               num_query_tokens=model.config.num_query_tokens)
+    if question is None:
+        inputs = processor(images=image, return_tensors="pt")
+        prompt_len = model.config.num_query_tokens + 1  # generate starts from the image tokens and BOS
+    else:
+        inputs = processor(images=image, text=f"Question: {question} Answer:", return_tensors="pt")
+        prompt_len = inputs["input_ids"].shape[1]
+    new = model.generate(**inputs, max_new_tokens=max_new_tokens)[0, prompt_len:].tolist()
+    return new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+
+
+def decoded(checkpoint, ids: list[int]) -> str:
+    return AutoTokenizer.from_pretrained(checkpoint).decode(ids, skip_special_tokens=True).strip()
+
+
+@pytest.fixture(scope="module")
+def converted_opt(tmp_path_factory):
+    """(model, checkpoint dir, bundle dir): a tiny BLIP-2 with an OPT LLM, as released, through `qbridge convert`."""
+    root = tmp_path_factory.mktemp("hf-opt")
+    model, _ = save_tiny_blip2(root / "blip2", llm="opt")
+    assert convert_main(["--from-hf-blip2", str(root / "blip2"), "--out", str(root / "bundle")]) == 0
+    return model, root / "blip2", root / "bundle"
+
+
+def test_converted_blip2_asks_blip2s_prompts_as_transformers_does(converted_opt):
+    model, checkpoint, bundle_dir = converted_opt
+    bundle = load_bundle(bundle_dir)
+    prompts = bundle.config.prompts
+    assert prompts == PRESETS["blip2-opt"] and prompts.caption_prompt() == ""
+    image = scene(0)
+    feats = bundle.bridge.encode_images(bundle.image_processor(images=[image], return_tensors="pt").pixel_values)
+    config = GenerationConfig(max_new_tokens=30)
+    (caption,) = generate(bundle.bridge, bundle.tokenizer, feats, [prompts.caption_prompt()], config=config)
+    want = blip2_greedy(model, checkpoint, image)
+    assert caption.token_ids == want and len(want) >= 5
+    question = "what colour is the circle?"
+    (answer,) = generate(bundle.bridge, bundle.tokenizer, feats, [prompts.vqa_prompt(question)], config=config)
+    assert answer.token_ids == blip2_greedy(model, checkpoint, image, question)
+
+
+def test_qbridge_caption_on_a_converted_blip2_matches_transformers(converted_opt, tmp_path, capsys):
+    model, checkpoint, bundle_dir = converted_opt
+    path = tmp_path / "scene.png"
+    scene(1).save(path)
+    assert caption_main([str(path), "--model", str(bundle_dir)]) == 0  # no prompt flag: the bundle's own
+    with Image.open(path) as im:
+        want = blip2_greedy(model, checkpoint, im.convert("RGB"), max_new_tokens=30)  # the CLI's default
+    assert capsys.readouterr().out == decoded(checkpoint, want) + "\n"

@@ -57,9 +57,9 @@ def test_world_texts_formats_determinism_and_no_heldout_pairs():
     tasks = {t for t, _ in items}
     assert tasks == {"caption", "vqa", "detect"}
     docs = list(world_documents(3, 60))
-    assert [t for t, _ in items] == [d[0] for d in docs]
-    assert [j for _, j in items] == [f"{c} {t}" if c else t for _, c, t in docs]
-    texts = [t for _, _, t in docs]
+    assert [t for t, _ in items] == [d.task for d in docs]
+    assert [j for _, j in items] == [f"{d.context} {d.text}" if d.context else d.text for d in docs]
+    texts = [d.text for d in docs]
     assert any(t.startswith(caption_prompt() + " there are") for t in texts)
     assert any(t.startswith(vqa_prompt("how many shapes are there?")) for t in texts)
     assert any(t.startswith(detect_prompt() + " ") and "; " in t for t in texts)
@@ -73,7 +73,7 @@ def test_world_texts_formats_determinism_and_no_heldout_pairs():
 def test_dataset_texts_match_generated_texts(tmp_path):
     write_dataset(tmp_path, 6, seed=2, progress=False)  # 224 px, as world_texts' scenes
     from_files = set(dataset_texts(tmp_path))
-    generated = {text for _, _, text in world_documents(2, 6)}
+    generated = {d.text for d in world_documents(2, 6)}
     detects = {t for t in from_files if t.startswith("detect: ")}
     assert len(detects) == 6 and detects <= generated
     assert any(t.startswith("question: ") for t in from_files) and any(t.startswith("caption: ") for t in from_files)
@@ -87,26 +87,39 @@ def test_documents_put_the_scene_with_its_boxes_before_the_text():
     ctx = scene_description(scene, 64)
     assert ctx.startswith(f"{scene.background} background.")
     for o in scene.objects:
-        assert f"{o.size} {o.colour} {o.shape} {' '.join(map(str, codec.encode_box(o.box, 224, 224)))}." in ctx
+        row, col = scene.cell(o)
+        box = " ".join(map(str, codec.encode_box(o.box, 224, 224)))
+        assert f"{row} {col} {o.size} {o.colour} {o.shape} {box}." in ctx
     boxes = detection_text(scene, 64)
     groups = [g.rsplit(" ", 4) for g in boxes.removeprefix(detect_prompt() + " ").split("; ")]
     # the same objects, in the same (reading) order as the description: the LLM copies them position by position
     assert [(label, tuple(map(int, xyxy))) for label, *xyxy in groups] == [
         (o.label, codec.encode_box(o.box, 224, 224)) for o in reading_order(scene)]
-    assert [g[0] for g in groups] == [" ".join(part.split()[1:3]) for part in ctx.split(". ")[1:]]
+    assert [g[0] for g in groups] == [" ".join(part.split()[3:5]) for part in ctx.split(". ")[1:]]
     wanted = [scene.objects[0].label]
     filtered = detection_text(scene, 64, wanted)
     assert filtered.startswith(detect_prompt(wanted) + " ")
     assert all(g.rsplit(" ", 4)[0] == wanted[0] for g in filtered.removeprefix(detect_prompt(wanted) + " ").split("; "))
     docs = list(world_documents(5, 40, noise=0.5))
-    with_ctx = [d for d in docs if d[1]]
-    assert 0.5 < len(with_ctx) / len(docs) < 0.95
-    assert all(ctx == scene_description(make_scene(5, "train", 0)) for _, ctx, _ in docs[:8] if ctx)
+    with_ctx = [d for d in docs if d.context]
+    assert 0.5 < len(with_ctx) / len(docs) < 0.99
+    assert all(d.context == scene_description(make_scene(5, "train", 0)) for d in docs[:8] if d.context)
     # a caption read with a context is that scene's clean caption (noise comes without a context)
     by_ctx = {scene_description(make_scene(5, "train", i)): make_scene(5, "train", i) for i in range(40)}
-    for task, ctx, text in docs:
-        if task == "caption" and ctx:
-            assert text.removeprefix(caption_prompt() + " ") in {caption(by_ctx[ctx], lv) for lv in LEVELS}
+    for d in docs:
+        if d.task == "caption" and d.context:
+            assert d.prompt == caption_prompt() and d.target in {caption(by_ctx[d.context], lv) for lv in LEVELS}
+
+
+def test_only_the_target_is_predicted(tok):
+    docs = [d for d in world_documents(4, 3) if d.context][:12]
+    rows = pretrain._encode_documents(tok, docs, 128)
+    ids, _, labels = pretrain._pad([r for r, _ in rows], tok.pad_token_id, [n for _, n in rows])
+    for i, d in enumerate(docs):
+        joined = tok(d.context, add_special_tokens=False)["input_ids"] + tok(d.text)["input_ids"]
+        assert ids[i, : len(joined)].tolist() == joined  # the same ids as the joined text
+        predicted = [t for t in labels[i].tolist() if t != -100]
+        assert tok.decode(predicted) == f" {d.target}</s>"
 
 
 # ----------------------------------------------------------------------------- LLM

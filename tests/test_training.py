@@ -88,6 +88,20 @@ def test_quality_then_stage2_writes_a_bundle(world, tmp_path):
     assert not torch.equal(bundle.bridge.trainable_state_dict()[k], s1_state[k])
 
 
+def test_stage2_trains_on_the_prompts_its_bridge_config_carries(world, tmp_path):
+    from qformer.prompts import PRESETS
+    from training.train import _examples, build_parts
+
+    cfg = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path, **{
+        "model.prompts": "blip2-opt", "data.captions": "captions_{split}.json"}))
+    prompts = build_parts(cfg, with_llm=True).bridge.cfg.prompts  # what the bundle's qbridge.json will hold
+    assert prompts == PRESETS["blip2-opt"]
+    tasks = _examples(cfg, True, prompts)
+    assert {e.prompt for e in tasks["caption"]} == {""}
+    assert all(e.prompt.startswith("Question: ") and e.prompt.endswith(" Answer:") for e in tasks["vqa"])
+    assert {e.prompt for e in tasks["detect"]} == {prompts.detect_prompt()}
+
+
 def test_interrupted_checkpoint_leaves_the_previous_one(world, tmp_path, monkeypatch):
     from training import checkpoint
 

@@ -11,7 +11,6 @@ from transformers import (
     Blip2QFormerConfig,
     Blip2VisionConfig,
     BlipImageProcessor,
-    LlamaConfig,
     PreTrainedTokenizerFast,
 )
 
@@ -40,7 +39,8 @@ def tiny_tokenizer(extra_special: tuple[str, ...] = ("<image>",)) -> PreTrainedT
     )
 
 
-def tiny_blip2(tokenizer, seed: int = 0, num_query_tokens: int = 5) -> Blip2ForConditionalGeneration:
+def tiny_blip2(tokenizer, seed: int = 0, num_query_tokens: int = 5, llm: str = "llama"):
+    """A random Blip2ForConditionalGeneration; `llm` "opt" is the LLM family BLIP-2 was released with."""
     torch.manual_seed(seed)
     vision = Blip2VisionConfig(
         hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30, patch_size=6
@@ -48,18 +48,9 @@ def tiny_blip2(tokenizer, seed: int = 0, num_query_tokens: int = 5) -> Blip2ForC
     qformer = Blip2QFormerConfig(
         hidden_size=36, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, encoder_hidden_size=32
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=48,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text = tiny_llm_config(llm, tokenizer)
+    # A random LLM whose head is its input embedding (OPT ties them) only repeats its last input token.
+    text.tie_word_embeddings = False
     config = Blip2Config(
         vision_config=vision.to_dict(),
         qformer_config=qformer.to_dict(),
@@ -89,9 +80,10 @@ def scene(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
     return img
 
 
-def save_tiny_blip2(path, seed: int = 0) -> tuple[Blip2ForConditionalGeneration, PreTrainedTokenizerFast]:
+def save_tiny_blip2(path, seed: int = 0, llm: str = "llama"):
+    """(model, tokenizer), saved to `path` as a transformers checkpoint with its image processor."""
     tokenizer = tiny_tokenizer()
-    model = tiny_blip2(tokenizer, seed)
+    model = tiny_blip2(tokenizer, seed, llm=llm)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     tiny_image_processor().save_pretrained(path)
@@ -120,10 +112,9 @@ def tiny_vision(kind: str = "blip2", seed: int = 0):
     return model.eval(), tiny_image_processor()
 
 
-def tiny_llm(kind: str, tokenizer, seed: int = 0):
+def tiny_llm_config(kind: str, tokenizer):
     import transformers as T
 
-    torch.manual_seed(seed)
     ids = dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -131,19 +122,23 @@ def tiny_llm(kind: str, tokenizer, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
     )
     if kind == "llama":
-        cfg = T.LlamaConfig(hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, max_position_embeddings=128, **ids)
-        model = T.LlamaForCausalLM(cfg)
-    elif kind == "qwen2":
-        cfg = T.Qwen2Config(hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, max_position_embeddings=128, **ids)
-        model = T.Qwen2ForCausalLM(cfg)
-    elif kind == "opt":
-        cfg = T.OPTConfig(hidden_size=48, ffn_dim=37, num_hidden_layers=2, num_attention_heads=4,
-                          word_embed_proj_dim=48, max_position_embeddings=128, **ids)
-        model = T.OPTForCausalLM(cfg)
-    else:
-        raise ValueError(kind)
+        return T.LlamaConfig(hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=128, **ids)
+    if kind == "qwen2":
+        return T.Qwen2Config(hidden_size=48, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=128, **ids)
+    if kind == "opt":
+        return T.OPTConfig(hidden_size=48, ffn_dim=37, num_hidden_layers=2, num_attention_heads=4,
+                           word_embed_proj_dim=48, max_position_embeddings=128, **ids)
+    raise ValueError(kind)
+
+
+def tiny_llm(kind: str, tokenizer, seed: int = 0):
+    import transformers as T
+
+    torch.manual_seed(seed)
+    model_class = {"llama": T.LlamaForCausalLM, "qwen2": T.Qwen2ForCausalLM, "opt": T.OPTForCausalLM}[kind]
+    model = model_class(tiny_llm_config(kind, tokenizer))
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(30.0)
     return model.eval()

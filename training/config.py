@@ -25,6 +25,7 @@ class ModelSection:
     quality_prompt_len: int = 4
     quality_names: list = field(default_factory=list)
     num_loc_bins: int = 0
+    prompts: str = "qbridge"  # task prompt preset (qformer.prompts.PRESETS) trained on and written into the bundle
     embed_components: bool = True  # copy the frozen parts into the output bundle (runs offline)
 
 

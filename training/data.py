@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from qformer.boxes import BoxCodec, Detection, reading_order_key
-from qformer.prompts import caption_prompt, detect_prompt, vqa_prompt
+from qformer.prompts import TaskPrompts
 from training.config import DataSection
 from training.datasets import load_rgb
 
@@ -44,31 +44,34 @@ def _fmt(template: str, split: str) -> str:
     return template.format(split=split)
 
 
-def caption_examples(data: DataSection, root: Path | None = None) -> list[Example]:
+def caption_examples(data: DataSection, prompts: TaskPrompts, root: Path | None = None) -> list[Example]:
+    """`prompts` are the bridge config's (`BridgeConfig.prompts`): the bundle asks what it was trained on."""
     root = Path(root or data.root)
     d = _read(root / _fmt(data.captions, data.split))
     files = {im["id"]: im["file_name"] for im in d["images"]}
     image_root = root / _fmt(data.images, data.split)
     return [
-        Example(a["image_id"], str(image_root / files[a["image_id"]]), caption_prompt(), a["caption"], a.get("quality"))
+        Example(a["image_id"], str(image_root / files[a["image_id"]]), prompts.caption_prompt(), a["caption"],
+                a.get("quality"))
         for a in d["annotations"]
         if a["image_id"] in files
     ]
 
 
-def vqa_examples(data: DataSection) -> list[Example]:
+def vqa_examples(data: DataSection, prompts: TaskPrompts) -> list[Example]:
     root = Path(data.root)
     files = {im["id"]: im["file_name"] for im in _read(root / _fmt(data.captions, data.split))["images"]}
     answers = {a["question_id"]: a["multiple_choice_answer"] for a in _read(root / _fmt(data.answers, data.split))["annotations"]}
     image_root = root / _fmt(data.images, data.split)
     return [
-        Example(q["image_id"], str(image_root / files[q["image_id"]]), vqa_prompt(q["question"]), answers[q["question_id"]])
+        Example(q["image_id"], str(image_root / files[q["image_id"]]), prompts.vqa_prompt(q["question"]),
+                answers[q["question_id"]])
         for q in _read(root / _fmt(data.questions, data.split))["questions"]
         if q["image_id"] in files and q["question_id"] in answers
     ]
 
 
-def detection_examples(data: DataSection) -> list[Example]:
+def detection_examples(data: DataSection, prompts: TaskPrompts) -> list[Example]:
     root = Path(data.root)
     d = _read(root / _fmt(data.instances, data.split))
     names = {c["id"]: c["name"] for c in d["categories"]}
@@ -79,8 +82,8 @@ def detection_examples(data: DataSection) -> list[Example]:
             objects[a["image_id"]].append((names[a["category_id"]], (x, y, x + w, y + h)))
     image_root = root / _fmt(data.images, data.split)
     return [
-        Example(im["id"], str(image_root / im["file_name"]), detect_prompt(), "", None, tuple(objects[im["id"]]),
-                (im["width"], im["height"]))
+        Example(im["id"], str(image_root / im["file_name"]), prompts.detect_prompt(), "", None,
+                tuple(objects[im["id"]]), (im["width"], im["height"]))
         for im in d["images"]
     ]
 

@@ -111,19 +111,28 @@ class Steps:
 
 
 def gate(name: str, figures: dict, failures: list[str], target: Path, enforce: bool, rerun: str) -> None:
-    """Write a gate's figures to ``target`` (JSON) and stop the build when it is missed."""
+    """Write a gate's figures to ``target`` (JSON) and stop the build when it is missed; the step's marker
+    (:func:`gate_marker`) is written only when the build may go on, so a resumed build measures a missed
+    gate again instead of skipping it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps({"gate": name, "figures": figures, "passed": not failures, "missed": failures},
                                  indent=2) + "\n")
     if not failures:
         print(f"    gate {name}: passed")
+        gate_marker(target).touch()
         return
     message = (f"gate {name!r} missed: {'; '.join(failures)} (figures in {target}).\n"
                f"The build stops here: a bridge trained on this part would be noise. {rerun}")
     if not enforce:
         print(f"    WARNING: {message}\n    (--ignore-gates: going on)")
+        gate_marker(target).touch()
         return
     raise GateMissed(message)
+
+
+def gate_marker(figures: Path) -> Path:
+    """The file that says a gate's step is done (passed, or ignored): beside its figures."""
+    return figures.with_suffix(".done")
 
 
 def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None, enforce_gates: bool = True) -> Path:
@@ -155,7 +164,7 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
         gate("llm", figures, llm_failures(figures), gates / "llm.json", enforce,
              "Change the LLM's pretraining (steps, layers, document formats) and rerun `--only llm`.")
 
-    steps.run("llm gate", gates / "llm.json", llm_gate)
+    steps.run("llm gate", gate_marker(gates / "llm.json"), llm_gate)
     steps.run("vision", vision / "model.safetensors", lambda: tower.pretrain_tower(
         vision, plan.vision_steps, image_size=plan.image_size, seed=plan.seed, probe_scenes=(0, 0),
         progress=progress, **(tower.TINY if plan.quick else {})), clear=(vision,))
@@ -165,7 +174,7 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
         gate("vision", figures, tower.gate_failures(figures), gates / "vision.json", enforce,
              "Change the tower's pretraining (steps, objective, architecture) and rerun `--only vision`.")
 
-    steps.run("vision gate", gates / "vision.json", vision_gate)
+    steps.run("vision gate", gate_marker(gates / "vision.json"), vision_gate)
 
     cache = out / "features"
     s1 = load_config(CONFIG_DIR / "demo_stage1.json", [*paths, f"run.out_dir={out / 'stage1'}",
@@ -181,7 +190,7 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
              "Alignment scores from a stage 1 that cannot retrieve are noise, and so would be the quality levels "
              "built on them: change stage 1 and rerun `--only 'stage 1'`.")
 
-    steps.run("stage 1 gate", gates / "stage1.json", stage1_gate)
+    steps.run("stage 1 gate", gate_marker(gates / "stage1.json"), stage1_gate)
     quality_file = data / "captions_train_quality.json"
     levels = load_config(CONFIG_DIR / "demo_stage2.json").model.num_quality_levels
     steps.run("quality", quality_file, lambda: score_and_bin(s1, str(out / "stage1"), levels, str(quality_file)))

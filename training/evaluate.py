@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 from qformer.boxes import BoxCodec
 from qformer.generation import GenerationConfig, generate
-from qformer.prompts import caption_prompt, detect_prompt, vqa_prompt
 from qformer.qformer import AttentionMode
 from training.datasets import load_rgb
 from training.shapes import Scene, caption_precision_recall
@@ -315,6 +314,7 @@ def evaluate_bundle(
     start = time.perf_counter()
     data_dir = Path(data_dir)
     bridge, cfg = bundle.bridge.eval(), bundle.config
+    task_prompts = cfg.prompts  # the bundle's own: a model is scored in the words it was trained with
     device = next(bridge.parameters()).device
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -382,7 +382,7 @@ def evaluate_bundle(
     results["captions"] = {}
     for level in caption_levels:
         bar.set_description(f"eval: captions {_level_name(cfg, level)}")
-        gens = run(rows, [caption_prompt()] * len(rows), level, CAPTION_MAX_NEW_TOKENS)
+        gens = run(rows, [task_prompts.caption_prompt()] * len(rows), level, CAPTION_MAX_NEW_TOKENS)
         preds = {image_ids[i]: g.text for i, g in zip(rows, gens)}
         scored = {k: v for k, v in preds.items() if references.get(k)}
         entry = caption_scores(scored, references)
@@ -396,8 +396,8 @@ def evaluate_bundle(
     if questions:
         bar.set_description("eval: vqa")
         quality = task_quality(cfg)
-        gens = run([row_of[q["image_id"]] for q in questions], [vqa_prompt(q["question"]) for q in questions],
-                   quality, VQA_MAX_NEW_TOKENS)
+        asked = [task_prompts.vqa_prompt(q["question"]) for q in questions]
+        gens = run([row_of[q["image_id"]] for q in questions], asked, quality, VQA_MAX_NEW_TOKENS)
         preds = {q["question_id"]: g.text for q, g in zip(questions, gens)}
         annotations = [a for a in _read_json(files["annotations_vqa"])["annotations"] if a["question_id"] in preds]
         scores = vqa_scores(preds, annotations)
@@ -423,7 +423,7 @@ def evaluate_bundle(
             if a["image_id"] in wanted:
                 per_image[a["image_id"]] += 1
         max_new = DETECT_TOKENS_PER_OBJECT * (max(per_image.values(), default=0) + DETECT_SPARE_OBJECTS)
-        gens = run(rows, [detect_prompt()] * len(rows), quality, max_new)
+        gens = run(rows, [task_prompts.detect_prompt()] * len(rows), quality, max_new)
         category = {" ".join(c["name"].lower().split()): c["id"] for c in instances["categories"]}
         codec = BoxCodec(cfg.num_loc_bins)
         dets, unknown = [], 0

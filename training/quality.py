@@ -91,8 +91,8 @@ def stage1_retrieval(cfg: TrainConfig, stage1_dir: str, split: str = "val", n: i
     data = json.loads((Path(cfg.data.root) / f"captions_{split}.json").read_text())
     images = sorted(data["images"], key=lambda im: im["id"])[:n]
     wanted = {im["id"] for im in images}
-    examples = {e.image_id: e for e in caption_examples(replace(cfg.data, split=split, captions="captions_{split}.json"))
-                if e.image_id in wanted}
+    clean = replace(cfg.data, split=split, captions="captions_{split}.json")
+    examples = {e.image_id: e for e in caption_examples(clean, bridge.cfg.prompts) if e.image_id in wanted}
     source = VisionFeatures(bridge.encode_images, parts.image_processor)
     ordered = [examples[im["id"]] for im in images]
     feats = torch.cat([source(ordered[i: i + 64])[0] for i in range(0, len(ordered), 64)])
@@ -107,7 +107,7 @@ def score_and_bin(cfg: TrainConfig, stage1_dir: str, levels: int, out: str | Non
     root = Path(cfg.data.root)
     source_file = root / cfg.data.captions.format(split=cfg.data.split)
     data = json.loads(source_file.read_text())
-    examples = caption_examples(cfg.data)
+    examples = caption_examples(cfg.data, parts.bridge.cfg.prompts)
     scores = alignment_scores(parts, examples)
     level, edges = quantile_levels(scores, levels)
     files = {im["id"] for im in data["images"]}

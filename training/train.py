@@ -31,6 +31,7 @@ from qformer.boxes import BoxCodec
 from qformer.bridge import Bridge, load_llm, load_vision_encoder, vision_hidden_size
 from qformer.bundle import save_bundle, weights_sha256
 from qformer.config import BridgeConfig, ComponentRef, QFormerConfig
+from qformer.prompts import TaskPrompts, preset
 from qformer.qformer import AttentionMode
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, load_config
@@ -92,6 +93,7 @@ def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
         quality_names=tuple(m.quality_names),
         num_loc_bins=m.num_loc_bins if llm is not None else 0,
         base_vocab_size=base_vocab,
+        prompts=preset(m.prompts),
     )
     bridge = Bridge(bcfg, vision, llm)
     if llm is not None:
@@ -359,7 +361,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
     module, optimizer = accelerator.prepare(module, optimizer)
     bridge.to(accelerator.device)
 
-    tasks = _examples(cfg, stage2)
+    tasks = _examples(cfg, stage2, bridge.cfg.prompts)
     features = _feature_source(cfg, parts, tasks, accelerator)
     codec = BoxCodec(bridge.cfg.num_loc_bins) if bridge.cfg.num_loc_bins else None
     names, weights = zip(*[(t, cfg.data.tasks.get(t, 1.0)) for t in tasks]) if stage2 else (("caption",), (1.0,))
@@ -444,14 +446,14 @@ class _null:
         return False
 
 
-def _examples(cfg: TrainConfig, stage2: bool) -> dict[str, list[Example]]:
+def _examples(cfg: TrainConfig, stage2: bool, prompts: TaskPrompts) -> dict[str, list[Example]]:
     if not stage2:
-        return {"caption": caption_examples(cfg.data)}
+        return {"caption": caption_examples(cfg.data, prompts)}
     builders = {"caption": caption_examples, "vqa": vqa_examples, "detect": detection_examples}
     unknown = set(cfg.data.tasks) - set(builders)
     if unknown:
         raise ValueError(f"unknown stage-2 tasks {sorted(unknown)}; known: {sorted(builders)}")
-    return {t: builders[t](cfg.data) for t, w in cfg.data.tasks.items() if w > 0}
+    return {t: builders[t](cfg.data, prompts) for t, w in cfg.data.tasks.items() if w > 0}
 
 
 def _feature_source(cfg: TrainConfig, parts: Parts, tasks: dict, accelerator) -> VisionFeatures:

@@ -209,6 +209,36 @@ def test_detect_boxes_in_original_pixels_after_exif(bundle):
                                data={"max_objects": "1"}).json()["detections"]) == 1
 
 
+def test_every_task_route_asks_the_bundles_own_prompts(tmp_path):
+    """Captions, VQA, detection and chat write the prompts of the served bundle's qbridge.json."""
+    from qformer.bundle import load_bundle, save_bundle
+    from qformer.prompts import TaskPrompts
+    from tests.tiny import tiny_bridge
+
+    bridge, tok, proc = tiny_bridge(num_loc_bins=32)
+    bridge.cfg = bridge.cfg.replace(prompts=TaskPrompts(caption="", vqa="Q: {question} A:", detect="boxes:",
+                                                        detect_labels="find {labels}:"))
+    own = load_bundle(save_bundle(bridge, tok, proc, tmp_path / "own"))
+    image = b64(encode(scene_image()))
+
+    def chat(text):
+        url = {"url": "data:image/png;base64," + image}
+        return {"messages": [{"role": "user", "content": [{"type": "text", "text": text},
+                                                          {"type": "image_url", "image_url": url}]}]}
+
+    stub = StubBackend()
+    with TestClient(make_app(own, stub)) as client:
+        for path, body in [("/v1/caption", {"image": image}),
+                           ("/v1/vqa", {"image": image, "question": "what  colour?"}),
+                           ("/v1/detect", {"image": image}),
+                           ("/v1/detect", {"image": image, "labels": ["red circle"]}),
+                           ("/v1/chat/completions", chat("Describe this image.")),
+                           ("/v1/chat/completions", chat("how many shapes?"))]:
+            assert client.post(path, json=body).status_code == 200, (path, body)
+    assert [prompts for prompts, _, _ in stub.calls] == [
+        [""], ["Q: what colour? A:"], ["boxes:"], ["find red circle:"], [""], ["Q: how many shapes? A:"]]
+
+
 def test_detect_without_location_tokens_is_400(tmp_path):
     from qformer.bundle import load_bundle, save_bundle
     from tests.tiny import tiny_bridge

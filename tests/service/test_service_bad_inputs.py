@@ -790,7 +790,29 @@ def test_row22_flood_then_disconnect(live_server, png):
 
 def test_a_file_in_another_part_says_where_files_go(client):
     png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
-    for name in ("image", "photo"):
-        r = client.post("/v1/caption", files={name: ("x.png", png, "image/png")})
-        assert_envelope(r, 400, "invalid_multipart")
-        assert "'file'" in r.json()["error"]["message"] and r.json()["error"]["param"] == name
+    r = client.post("/v1/caption", files={"photo": ("x.png", png, "image/png")})
+    assert_envelope(r, 400, "invalid_multipart")
+    err = r.json()["error"]
+    assert "'file'" in err["message"] and "'image'" in err["message"] and err["param"] == "photo"
+
+
+def test_an_upload_in_the_part_image_is_the_image(client, good, png):
+    """`curl -F image=@photo.jpg`: the part `image` with a filename is the upload; as a text field it stays base64."""
+    form = {"max_new_tokens": "2"}
+    as_image = client.post("/v1/caption", files={"image": ("x.png", png, "image/png")}, data=form)
+    as_file = client.post("/v1/caption", files={"file": ("x.png", png, "image/png")}, data=form)
+    assert as_image.status_code == 200, as_image.text
+    assert as_image.json()["caption"] == as_file.json()["caption"]
+    as_text = client.post("/v1/caption", files={"image": (None, b64(png))}, data=form)  # no filename: a text field
+    assert as_text.status_code == 200 and as_text.json()["caption"] == as_file.json()["caption"]
+    both = client.post("/v1/caption", files=[("file", ("a.png", png, "image/png")),
+                                             ("image", ("b.png", png, "image/png"))], data=form)
+    err = assert_envelope(both, 400, "multiple_image_sources")
+    assert "'file'" in err["message"] and "'image'" in err["message"] and err["param"] == "image"
+    text_too = client.post("/v1/caption", files=[("image", ("b.png", png, "image/png")), ("image", (None, b64(png)))])
+    assert_envelope(text_too, 400, "multiple_image_sources")
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("CaptionRequestForm", "VQARequestForm", "DetectRequestForm", "ImageUploadRequestForm"):
+        for part in ("file", "image"):
+            assert schema[name]["properties"][part]["format"] == "binary", (name, part)
+    still_healthy(client, good)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import io
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from conftest import API_KEY, ROOT, assert_envelope, free_port, start_server, stop_server
+from conftest import API_KEY, AUTH, ROOT, assert_envelope, free_port, start_server, stop_server
 from service import protocol
 
 
@@ -58,6 +59,41 @@ def test_every_endpoint_answers_well_formed(http, png):
     assert page.status_code == 200 and "qbridge playground" in page.text
     assert http.get("/docs").status_code == 200 and "/v1/caption" in http.get("/openapi.json").json()["paths"]
     assert http.get("/health/live").headers.get("x-request-id")
+
+
+@pytest.fixture(scope="module")
+def blip2_server(tmp_path_factory):
+    """(model, checkpoint dir, server): `qbridge serve` on a tiny BLIP-2 (OPT LLM) that `qbridge convert` imported."""
+    from qformer.hf_interop import convert
+    from tests.tiny import save_tiny_blip2
+
+    root = tmp_path_factory.mktemp("blip2")
+    model, _ = save_tiny_blip2(root / "checkpoint", llm="opt")
+    convert(str(root / "checkpoint"), root / "bundle")
+    server = start_server(root / "bundle", root / "server.log", "--api-key", API_KEY)
+    yield model, root / "checkpoint", server
+    stop_server(server)
+
+
+def test_a_converted_blip2_captions_and_answers_as_transformers(blip2_server, png):
+    """Default requests (no prompt anywhere) give transformers' greedy output for BLIP-2's documented prompts."""
+    from PIL import Image
+
+    from service.routes import DEFAULT_MAX_NEW_TOKENS
+    from tests.test_hf_parity import blip2_greedy, decoded
+
+    model, checkpoint, server = blip2_server
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as http:
+        cap = http.post("/v1/caption", files={"image": ("scene.png", png, "image/png")}).json()
+        want = blip2_greedy(model, checkpoint, image, max_new_tokens=DEFAULT_MAX_NEW_TOKENS["caption"])
+        assert cap["caption"] == decoded(checkpoint, want) and cap["usage"]["completion_tokens"] == len(want)
+        assert len(want) >= 5  # real decoding, not an instant EOS
+        questions = ["what colour is the circle?", "how  many shapes are there?"]
+        vqa = http.post("/v1/vqa", json={"image": b64(png), "questions": questions}).json()
+    for question, got in zip(questions, vqa["answers"]):
+        want = blip2_greedy(model, checkpoint, image, " ".join(question.split()), DEFAULT_MAX_NEW_TOKENS["vqa"])
+        assert got["answer"] == decoded(checkpoint, want) and want, question
 
 
 def test_image_id_skips_the_vision_encoder(http, png):
