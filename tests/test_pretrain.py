@@ -122,6 +122,32 @@ def test_only_the_target_is_predicted(tok):
         assert tok.decode(predicted) == f" {d.target}</s>"
 
 
+def test_a_packed_scene_computes_each_document_as_if_read_alone(tok):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llm_config(tok, **{k: v for k, v in TINY_LLM.items()})).eval()
+    groups = list(pretrain.world_scenes(6, 3, noise=1.0))  # noise: some captions come without the context
+    assert any(not d.context for g in groups for d in g)
+    rows = [pretrain._pack(tok, g, 128) for g in groups]
+    batch = pretrain._collate(rows, tok.pad_token_id)
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for i, (group, row) in enumerate(zip(groups, rows)):
+            segments = torch.tensor(row.segments)
+            for k, d in enumerate(group, start=1):
+                (ids, _), = pretrain._encode_documents(tok, [d], 128)
+                alone = model(input_ids=torch.tensor([ids])).logits[0]
+                mine = (segments == k) | (segments == -k)
+                n = int(mine.sum())
+                assert torch.tensor(row.ids)[mine].tolist() == ids[-n:]
+                torch.testing.assert_close(packed[i, : len(row.ids)][mine], alone[-n:], atol=1e-4, rtol=1e-4)
+    # every token after <s> is predicted; the description, <s> and padding are not
+    labels = batch["labels"][0, : len(rows[0].ids)]
+    first = [abs(x) for x in rows[0].segments].index(1)
+    assert (labels[:first] == -100).all() and labels[first] == -100 and labels[first + 1] != -100
+
+
 # ----------------------------------------------------------------------------- LLM
 
 
