@@ -401,9 +401,8 @@ def _pack(tokenizer, docs: Sequence[Document], max_len: int) -> Row:
 
 
 def _attention(segments: torch.Tensor) -> torch.Tensor:
-    """(B, L) segment ids (padding: ``None`` -> a large sentinel) -> (B, 1, L, L) boolean mask, True where
-    query q may attend key k: causal, within its own segment, and the description (segment 0) for a
-    document of a positive segment. Padding attends itself only (a fully masked row would give NaN)."""
+    """(B, L) segment ids -> (B, 1, L, L) boolean mask, True where query q may attend key k: causal,
+    within its own segment, and the description (segment 0) for a document of a positive segment."""
     q, k = segments[:, :, None], segments[:, None, :]
     causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool).tril()
     allowed = causal & ((q == k) | ((k == 0) & (q > 0)))
@@ -422,8 +421,9 @@ def _collate(rows: Sequence[Row], pad_id: int) -> dict[str, torch.Tensor]:
         n = len(r.ids)
         ids[i, :n], positions[i, :n] = torch.tensor(r.ids), torch.tensor(r.positions)
         segments[i, :n], labels[i, :n] = torch.tensor(r.segments), torch.tensor(r.labels)
-    # padding keys are never attended by real tokens (another segment); pad queries see themselves only
-    mask = _attention(segments) & ((segments[:, :, None] != pad_segment) | torch.eye(width, dtype=torch.bool))[:, None]
+    # Padding is its own segment: real tokens never attend it, and it attends padding only (a fully
+    # masked query row would give NaN).
+    mask = _attention(segments)
     return {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "labels": labels}
 
 
