@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from training.demo import STEP_NAMES, GateMissed, Steps, gate, gate_marker, main
+from training.demo import NEEDS, STEP_NAMES, GateMissed, Steps, gate, gate_marker, main
 
 
 def _steps(tmp_path, only=None):
@@ -41,9 +41,17 @@ def test_a_step_with_its_output_is_skipped_and_only_reruns_one_step_from_nothing
 
 
 def test_only_a_step_whose_inputs_are_missing_says_which_step_to_run_first(tmp_path):
-    steps = _steps(tmp_path, only="llm")
+    steps = _steps(tmp_path, only="llm gate")
     with pytest.raises(SystemExit, match="run `qbridge demo build --only 'data'` first"):
         steps.run("data", tmp_path / "data" / "world.json", lambda: None)
+    steps = _steps(tmp_path, only="vision")  # the tower reads nothing the LLM steps write
+    for name in ("data", "tokenizer", "llm", "llm gate"):
+        steps.run(name, tmp_path / name / "done", lambda: pytest.fail("not this step"))
+
+
+def test_every_step_needs_only_earlier_steps():
+    assert set(NEEDS) == set(STEP_NAMES)
+    assert all(STEP_NAMES.index(d) < STEP_NAMES.index(s) for s, deps in NEEDS.items() for d in deps)
 
 
 def test_a_missed_gate_stops_the_build_and_writes_its_figures(tmp_path):

@@ -178,3 +178,17 @@ def test_location_rows_start_at_the_llms_number_rows():
     ids = torch.tensor([[bridge.cfg.base_vocab_size + 1, 4]])  # <loc_1> embeds exactly as the number " 1"
     out = bridge.llm.get_input_embeddings()(ids)
     assert torch.equal(out[0, 0], out[0, 1])
+
+
+def test_grad_accum_logs_the_mean_of_its_micro_batches(world, tmp_path):
+    # With lr 0 the weights stay put, and micro-batch m of step s is the batch a run without accumulation
+    # draws at step s * grad_accum + m: one step of two micro-batches logs the mean of two plain steps.
+    plain = load_config(CONFIG_DIR / "tiny_stage1.json", overrides(
+        world, tmp_path / "plain", **{"optim.lr": 0.0, "run.steps": 2, "run.log_every": 1, "run.grad_accum": 1}))
+    accum = load_config(CONFIG_DIR / "tiny_stage1.json", overrides(
+        world, tmp_path / "accum", **{"optim.lr": 0.0, "run.steps": 1, "run.log_every": 1, "run.grad_accum": 2}))
+    train(plain, progress=False)
+    train(accum, progress=False)
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "accum")
+    for k in ("itc_loss", "itm_loss", "itg_loss"):
+        assert b[0][k] == pytest.approx((a[0][k] + a[1][k]) / 2, rel=1e-5), k

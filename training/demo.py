@@ -43,7 +43,7 @@ class Plan:
     n_heldout: int = 300
     image_size: int = 160  # the vision tower's input: a 10x10 feature grid
     data_size: int = 224  # rendered scenes (the vision pretraining renders at 224 and resizes too)
-    llm_steps: int = 1500
+    llm_steps: int = 2500
     vision_steps: int = 640
     stage1_steps: int = 800
     stage2_steps: int = 3000
@@ -65,6 +65,12 @@ STAGE1_GATE = 0.80
 
 STEP_NAMES = ("data", "tokenizer", "llm", "llm gate", "vision", "vision gate", "stage 1", "stage 1 gate", "quality",
               "stage 2", "evaluation", "ablation")
+# What each step reads: `--only STEP` needs these steps' outputs, and no others (the vision tower does not
+# wait for the LLM).
+NEEDS = {"data": (), "tokenizer": (), "llm": ("tokenizer",), "llm gate": ("data", "llm"), "vision": (),
+         "vision gate": ("vision",), "stage 1": ("data", "tokenizer", "vision"), "stage 1 gate": ("stage 1",),
+         "quality": ("stage 1",), "stage 2": ("quality", "llm"), "evaluation": ("stage 2",),
+         "ablation": ("quality", "llm")}
 
 
 class GateMissed(RuntimeError):
@@ -83,7 +89,7 @@ class Steps:
 
     def run(self, name: str, marker: Path, fn, clear: tuple[Path, ...] = ()) -> None:
         if self.only is not None and name != self.only:
-            if not marker.exists() and STEP_NAMES.index(name) < STEP_NAMES.index(self.only):
+            if not marker.exists() and name in NEEDS[self.only]:
                 raise SystemExit(f"step {self.only!r} needs the output of step {name!r} ({marker}): "
                                  f"run `qbridge demo build --only {name!r}` first")
             return

@@ -401,15 +401,19 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
                     losses = module(feats, ids.to(accelerator.device), mask.to(accelerator.device),
                                     labels.to(accelerator.device), quality)
                 else:
-                    enc = parts.qformer_tokenizer([e.target for e in batch], padding="max_length", truncation=True,
+                    # Ranks gather each other's ids (ITM negatives), so several pad to one width; one pads to
+                    # its longest caption, not to the limit.
+                    enc = parts.qformer_tokenizer([e.target for e in batch], truncation=True,
+                                                  padding="max_length" if world > 1 else "longest",
                                                   max_length=cfg.data.max_text_tokens, return_tensors="pt")
                     gen = torch.Generator().manual_seed(seed)
                     losses = module(feats, enc.input_ids.to(accelerator.device),
                                     enc.attention_mask.to(accelerator.device), gen, rank, world)
                 loss = sum(v for k, v in losses.items() if k.endswith("_loss"))
                 accelerator.backward(loss / cfg.run.grad_accum)
-            for k, v in losses.items():
-                totals[k if not stage2 else f"{task}_{k}"] = float(v.detach()) / cfg.run.grad_accum
+            for k, v in losses.items():  # the step's mean over its micro-batches
+                key = k if not stage2 else f"{task}_{k}"
+                totals[key] = totals.get(key, 0.0) + float(v.detach()) / cfg.run.grad_accum
             seen += len(batch) * world
         if accelerator.sync_gradients and cfg.optim.grad_clip:
             accelerator.clip_grad_norm_([p for _, p in named], cfg.optim.grad_clip)
