@@ -44,6 +44,11 @@ class QFormerConfig:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
             )
+        from transformers.activations import ACT2FN
+
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not an activation transformers knows: "
+                             f"{sorted(ACT2FN)}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 
 from qformer.config import QFormerConfig
 
@@ -105,9 +106,10 @@ class Intermediate(nn.Module):
     def __init__(self, cfg: QFormerConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = ACT2FN[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.dense(x))
+        return self.act(self.dense(x))
 
 
 class Layer(nn.Module):
@@ -173,9 +175,10 @@ class LMHead(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.act = ACT2FN[cfg.hidden_act]  # BERT's prediction-head transform uses the config's activation
 
     def forward(self, h: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.LayerNorm(F.gelu(self.dense(h))), word_embeddings, self.bias)
+        return F.linear(self.LayerNorm(self.act(self.dense(h))), word_embeddings, self.bias)
 
 
 @dataclass

@@ -24,10 +24,12 @@ from tests.tiny import save_tiny_blip2, scene
 PROMPTS = ["", "question: what colour is the circle? answer:", "a photo of"]
 
 
-def test_qformer_matches_transformers():
+@pytest.mark.parametrize("act", ["gelu", "relu", "gelu_new"])  # the config's activation is the one run
+def test_qformer_matches_transformers(act):
     torch.manual_seed(0)
     hf_cfg = Blip2QFormerConfig(
-        hidden_size=36, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, encoder_hidden_size=20
+        hidden_size=36, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37, encoder_hidden_size=20,
+        hidden_act=act,
     )
     hf = Blip2QFormerModel(hf_cfg).eval()
     ours = QFormer(qformer_config_from_hf(hf_cfg, num_query_tokens=7)).eval()
