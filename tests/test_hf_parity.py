@@ -15,7 +15,7 @@ from transformers import (
 from qformer.bundle import load_bundle
 from qformer.cli import caption_main
 from qformer.config import QFormerConfig
-from qformer.generation import GenerationConfig, generate
+from qformer.generation import GenerationConfig, decode_from_queries, generate
 from qformer.hf_interop import convert, convert_main, export_hf, qformer_config_from_hf
 from qformer.prompts import PRESETS
 from qformer.qformer import AttentionMode, QFormer
@@ -93,6 +93,10 @@ def test_convert_then_greedy_matches_transformers(converted):
     got = generate(bundle.bridge, bundle.tokenizer, feats, PROMPTS, config=GenerationConfig(max_new_tokens=12))
     assert [g.token_ids for g in got] == want
     assert any(len(w) >= 5 for w in want)  # the comparison covers real decoding, not an instant EOS
+    queries = bundle.bridge.project_queries(feats)
+    ours = decode_from_queries(bundle.bridge, bundle.tokenizer, queries, PROMPTS,
+                               config=GenerationConfig(max_new_tokens=12))
+    assert [g.token_ids for g in ours] == want  # our decode loop, token for token
 
 
 def test_export_round_trips(converted):
@@ -151,6 +155,10 @@ def test_converted_blip2_asks_blip2s_prompts_as_transformers_does(converted_opt)
     question = "what colour is the circle?"
     (answer,) = generate(bundle.bridge, bundle.tokenizer, feats, [prompts.vqa_prompt(question)], config=config)
     assert answer.token_ids == blip2_greedy(model, checkpoint, image, question)
+    queries = bundle.bridge.project_queries(feats)
+    ours = decode_from_queries(bundle.bridge, bundle.tokenizer, queries.expand(2, -1, -1),
+                               [prompts.caption_prompt(), prompts.vqa_prompt(question)], config=config)
+    assert [g.token_ids for g in ours] == [want, answer.token_ids]  # our decode loop, token for token
 
 
 def test_qbridge_caption_on_a_converted_blip2_matches_transformers(converted_opt, tmp_path, capsys):
