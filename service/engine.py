@@ -20,6 +20,12 @@ most `max_wait_ms` after its head arrived. An item whose request is cancelled or
 batch starts is removed and never computed; a batch already running finishes and its result is dropped.
 Model work runs on one worker thread, one batch at a time (torch: encode and generate batches take turns),
 so the event loop stays free for health checks and request parsing.
+
+With a backend that decodes token by token (`continuous = True`: torch), generation is scheduled per
+iteration instead (`_ContinuousStage`): up to `max_batch_size` rows decode together, whatever their
+settings; requests join the running batch at a token boundary (newcomers prefilled together) and leave it
+when their rows are done; a cancelled or timed-out request's rows leave at the next step. Encode batches
+take the model thread between iterations.
 """
 
 from __future__ import annotations
@@ -31,13 +37,13 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
 
-from qformer.generation import GenerationConfig, Generated
+from qformer.generation import Decoder, GenerationConfig, Generated, Sequence, finish, row_generators
 from service.errors import BadRequest, DeadlineExceeded, InternalError, NotFound, Overloaded, ServiceError
 from service.metrics import Metrics
 
@@ -350,6 +356,199 @@ class _Rows:
     prompts: list[str]
     quality: list[int] | None
     config: GenerationConfig
+    lengths: list[int]  # prompt positions per row (quality + queries + text)
+
+
+# --- continuous batching ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Request:
+    """A generate item whose rows are (being) decoded: built when its first row joins the running batch."""
+
+    item: _Item
+    left: int  # rows not finished yet
+    joined: int = 0  # rows added to the decoder so far (fewer than all when the free rows were too few)
+    seqs: list[Sequence] = field(default_factory=list)  # made on the model thread with the row embeddings
+    embeds: list[torch.Tensor] = field(default_factory=list)
+    started: float = 0.0  # perf_counter at its first prefill
+
+
+class _ContinuousStage:
+    """Iteration-level scheduling (as in Orca and vLLM) over the backend's `Decoder`.
+
+    Each iteration, on the model thread: the rows of requests cancelled or past their deadline leave the
+    running batch; waiting requests' rows take the free rows, prefilled together in one forward; then one
+    decode step for every running row. A request is answered as soon as its own rows are done, so a short
+    request never waits for a long one, and a newcomer waits at most one step (no `max_wait_ms`). Between
+    iterations the model thread is free for an encode batch. What the decoder refuses (`Decoder.fits`: beam
+    search, a row longer than its cache) runs alone through `backend.generate` when it reaches the head.
+    Same interface as `_Stage` (`put`, `discard`, `start`, `close`, `items` = the waiting items).
+    """
+
+    def __init__(self, name: str, backend, slots: asyncio.Semaphore, max_rows: int, metrics: Metrics,
+                 map_error: Callable[[BaseException], ServiceError]):
+        self.name = name
+        self.backend = backend
+        self.slots = slots
+        self.max_rows = max_rows
+        self.metrics = metrics
+        self.map_error = map_error
+        self.items: deque[_Item] = deque()  # waiting: no row has joined yet
+        self.active: list[_Request] = []  # some rows joined; in arrival order
+        self.decoder: Decoder | None = None
+        self._arrived = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self.decoder = self.backend.new_decoder(self.max_rows)
+            self._loop_task = asyncio.create_task(self._loop(), name=f"qbridge-{self.name}")
+
+    def put(self, item: _Item) -> None:
+        self.items.append(item)
+        self._arrived.set()
+        self._gauge()
+
+    def discard(self, item: _Item) -> None:
+        """A waiting item goes now; a running one's rows leave at the next iteration (its future is done)."""
+        try:
+            self.items.remove(item)
+        except ValueError:
+            pass
+        self._gauge()
+
+    def _gauge(self) -> None:
+        self.metrics.pending.labels(self.name).set(len(self.items))
+
+    async def _loop(self) -> None:
+        while True:
+            self.items = deque(it for it in self.items if not it.future.done())
+            self._gauge()
+            if not self.items and not self.active:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            await self.slots.acquire()
+            try:
+                head = self.items[0] if self.items else None
+                if head is not None and not self.decoder.fits(max(head.payload.lengths), head.payload.config):
+                    self.items.popleft()
+                    await self._run_alone(head)
+                else:
+                    await self._iteration()
+            finally:
+                self.slots.release()
+
+    def _plan(self) -> tuple[list[Sequence], list[tuple[_Request, int, int]]]:
+        """The running rows to drop (their requests are gone) and the rows joining: (request, first, count)."""
+        gone = [r for r in self.active if r.item.future.done()]
+        drops = [s for r in gone for s in r.seqs if s.row >= 0]
+        self.active = [r for r in self.active if not r.item.future.done()]
+        free = self.decoder.free_rows + len(drops)
+        joins = []
+        for r in self.active:  # a request larger than the free rows joins over several iterations
+            k = min(free, r.item.rows - r.joined)
+            if k:
+                joins.append((r, r.joined, k))
+                r.joined += k
+                free -= k
+        while free and self.items and self.decoder.fits(max(self.items[0].payload.lengths),
+                                                        self.items[0].payload.config):
+            item = self.items.popleft()
+            r = _Request(item, left=item.rows)
+            k = min(free, item.rows)
+            joins.append((r, 0, k))
+            r.joined = k
+            free -= k
+            self.active.append(r)
+        self._gauge()
+        return drops, joins
+
+    async def _iteration(self) -> None:
+        drops, joins = self._plan()
+        start = time.perf_counter()
+        try:
+            done, prefilled, stepped = await self.backend.call(self._iterate_sync, drops, joins)
+        except asyncio.CancelledError:  # the engine is closing
+            self._fail_active(Overloaded("the server is shutting down", code="shutting_down"))
+            raise
+        except Exception as exc:
+            # The decoder's state is unknown now: every running request fails, the next ones get a new one.
+            self._fail_active(self.map_error(exc))
+            self.decoder = self.backend.new_decoder(self.max_rows)
+            return
+        if prefilled:
+            self.metrics.batch_size.labels("prefill").observe(prefilled)
+        if stepped:
+            self.metrics.batch_size.labels(self.name).observe(stepped)
+        self.metrics.batch_seconds.labels(self.name).observe(time.perf_counter() - start)
+        for r, outputs, seconds in done:
+            self.active.remove(r)
+            if not r.item.future.done():
+                r.item.future.set_result((outputs, seconds))
+
+    def _iterate_sync(self, drops: list[Sequence], joins: list[tuple[_Request, int, int]]):
+        """Model thread: drop, prefill the joining rows, one step; the requests whose rows are all done."""
+        decoder = self.decoder
+        for s in drops:
+            decoder.remove(s)
+        finished: list[Sequence] = []
+        if joins:
+            embeds, seqs = [], []
+            for r, first, k in joins:
+                if not r.seqs:
+                    p = r.item.payload
+                    r.embeds = self.backend.prompt_rows(p.queries, p.prompts, p.quality)
+                    gens = row_generators(p.config, len(p.prompts), p.queries.device)
+                    r.seqs = [Sequence(p.config, e.shape[0], g, owner=r) for e, g in zip(r.embeds, gens)]
+                    r.started = time.perf_counter()
+                embeds += r.embeds[first : first + k]
+                seqs += r.seqs[first : first + k]
+            finished += decoder.add(embeds, seqs)
+        stepped = len(decoder.running)
+        finished += decoder.step()
+        done = []
+        for s in finished:
+            r = s.owner
+            r.left -= 1
+            if r.left == 0:
+                config = r.item.payload.config
+                outputs = [finish(self.backend.tokenizer, q.ids, q.logprobs, config) for q in r.seqs]
+                done.append((r, outputs, time.perf_counter() - r.started))
+        return done, sum(k for _, _, k in joins), stepped
+
+    async def _run_alone(self, item: _Item) -> None:
+        p = item.payload
+        start = time.perf_counter()
+        try:
+            outputs = await self.backend.generate(p.queries, p.prompts, p.quality, p.config)
+        except asyncio.CancelledError:
+            _Stage._fail([item], Overloaded("the server is shutting down", code="shutting_down"))
+            raise
+        except Exception as exc:
+            _Stage._fail([item], self.map_error(exc))
+            return
+        seconds = time.perf_counter() - start
+        self.metrics.batch_size.labels("generate_alone").observe(item.rows)
+        self.metrics.batch_seconds.labels("generate_alone").observe(seconds)
+        if not item.future.done():
+            item.future.set_result((outputs, seconds))
+
+    def _fail_active(self, error: ServiceError) -> None:
+        _Stage._fail([r.item for r in self.active], error)
+        self.active = []
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        error = Overloaded("the server is shutting down", code="shutting_down")
+        self._fail_active(error)
+        _Stage._fail(list(self.items), error)
+        self.items.clear()
+        self._gauge()
 
 
 # --- the engine ------------------------------------------------------------------------------------
@@ -409,8 +608,12 @@ class Engine:
         wait_s = self.config.max_wait_ms / 1000
         rows = self.config.max_batch_size
         self._encoder = _Stage("encode", self._encode_batch, worker, rows, wait_s, self.metrics, self._map_error)
-        self._generator = _Stage("generate", self._generate_batch, gen_slots, rows, wait_s, self.metrics,
-                                 self._map_error)
+        if getattr(self.backend, "continuous", False):
+            self._generator = _ContinuousStage("generate", self.backend, gen_slots, rows, self.metrics,
+                                               self._map_error)
+        else:
+            self._generator = _Stage("generate", self._generate_batch, gen_slots, rows, wait_s, self.metrics,
+                                     self._map_error)
         self._idle = asyncio.Event()
         self._idle.set()
         await self.backend.start()
@@ -521,7 +724,8 @@ class Engine:
             raise BadRequest("no image")
         n = len(job.prompts)
         rows = _Rows(queries.unsqueeze(0).expand(n, *queries.shape), list(job.prompts),
-                     [job.quality] * n if job.quality is not None else None, job.config)
+                     [job.quality] * n if job.quality is not None else None, job.config,
+                     self.row_lengths(job.prompts, job.quality))
         # Seeded sampling runs alone: one seed per batch is what makes it reproducible.
         key: Hashable = (job.config, job.quality is not None) if job.config.seed is None else object()
         outputs, seconds = await self._submit(self._generator, ticket, key, n, rows)
@@ -531,7 +735,7 @@ class Engine:
         t.queue_ms = max(0.0, t.total_ms - t.encode_ms - t.generate_ms)
         completion = sum(len(g.token_ids) for g in outputs)
         self.metrics.generated_tokens.inc(completion)
-        return JobResult(outputs, self.prompt_tokens(job.prompts, job.quality), completion, t, size)
+        return JobResult(outputs, sum(rows.lengths), completion, t, size)
 
     async def _encode(self, ticket: Ticket, image: Image.Image) -> torch.Tensor:
         queries, seconds = await self._submit(self._encoder, ticket, "encode", 1, image)
@@ -558,10 +762,14 @@ class Engine:
             self.metrics.rejected.labels("cancelled").inc()
             raise
 
-    def prompt_tokens(self, prompts: list[str], quality: int | None) -> int:
+    def row_lengths(self, prompts: list[str], quality: int | None) -> list[int]:
+        """LLM input positions per prompt row: quality prompt + queries + text tokens."""
         cfg = self.bridge.cfg
         prefix = cfg.qformer.num_query_tokens + (cfg.quality_prompt_len if quality is not None else 0)
-        return sum(prefix + len(ids) for ids in self.tokenizer(prompts).input_ids)
+        return [prefix + len(ids) for ids in self.tokenizer(prompts).input_ids]
+
+    def prompt_tokens(self, prompts: list[str], quality: int | None) -> int:
+        return sum(self.row_lengths(prompts, quality))
 
     # --- batch functions (run by the stages)
     async def _encode_batch(self, batch: list[_Item]) -> list[torch.Tensor]:

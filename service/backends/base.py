@@ -17,6 +17,11 @@ Two optional attributes tell the engine how to schedule a backend:
   constructor), so encode and generate batches take turns on it.
 - `max_concurrent_batches` (default 4 when `uses_model_thread` is false): how many generate batches the
   engine keeps in flight at once (a continuous-batching engine such as vLLM interleaves them itself).
+
+A backend with `continuous = True` (torch) is scheduled token by token instead: the engine takes a
+`qformer.generation.Decoder` from `new_decoder(max_rows)`, row embeddings from `prompt_rows`, and runs the
+decoder on the model thread through `await backend.call(fn, *args)`; `generate` then only serves what a
+decoder refuses (`Decoder.fits`: beam search, rows too long for its cache).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ A `StubBackend` whose batches wait on a gate makes queueing deterministic; image
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -291,3 +292,117 @@ def test_image_cache_is_a_byte_bounded_lru_with_ttl():
     assert metrics.cache_misses._value.get() == 2 and metrics.cache_evictions._value.get() == 2
     with pytest.raises(BadRequest):
         ImageCache(max_bytes=10, ttl_s=60, metrics=metrics).put(q, 10, 10)
+
+
+# --- continuous batching (the torch backend's decoder) -----------------------------------------------
+
+LONG = GenerationConfig(max_new_tokens=40)
+SHORT = GenerationConfig(max_new_tokens=3)
+
+
+class StepGate:
+    """Wraps the engine decoder's `step` (model thread): records the running rows of every step and holds
+    step `hold_at` (counted from now) until `go` is set, so a test can act while a request is mid-decode."""
+
+    def __init__(self, engine, hold_at: int):
+        decoder = engine._generator.decoder
+        self.rows: list[int] = []
+        self.held, self.go = threading.Event(), threading.Event()
+        plain = decoder.step
+
+        def step():
+            self.rows.append(len(decoder.running))
+            if len(self.rows) == hold_at:
+                self.held.set()
+                assert self.go.wait(10)
+            return plain()
+
+        decoder.step = step
+
+
+def test_a_short_request_joins_a_running_long_one_and_leaves_first(bundle):
+    async def main():
+        engine = make_engine(bundle, max_batch_size=4)
+        await engine.start()
+        image = cached(engine)
+        long_alone = await ask(engine, "tell me everything:", LONG, image_id=image)
+        short_alone = await ask(engine, "caption:", SHORT, image_id=image)
+        assert len(long_alone.outputs[0].token_ids) == 40  # it decodes all 40 steps (no early EOS)
+        gate = StepGate(engine, hold_at=3)
+        long = asyncio.create_task(ask(engine, "tell me everything:", LONG, image_id=image))
+        await until(gate.held.is_set)
+        short = asyncio.create_task(ask(engine, "caption:", SHORT, image_id=image))
+        await until(lambda: len(engine._generator.items) == 1)
+        gate.go.set()
+        short_result = await short
+        assert not long.done()  # the short one left while the long one still ran
+        long_result = await long
+        assert short_result.outputs[0].token_ids == short_alone.outputs[0].token_ids
+        assert long_result.outputs[0].token_ids == long_alone.outputs[0].token_ids
+        assert 2 in gate.rows and gate.rows[:3] == [1, 1, 1]  # joined at a token boundary, decoded together
+        assert engine._generator.decoder.running == [] and engine.in_flight == 0
+        await engine.close()
+
+    run(main())
+
+
+def test_cancelling_a_running_request_takes_its_row_out(bundle):
+    async def main():
+        engine = make_engine(bundle, max_batch_size=2)
+        await engine.start()
+        image = cached(engine)
+        gate = StepGate(engine, hold_at=2)
+        task = asyncio.create_task(ask(engine, "tell me everything:", LONG, image_id=image))
+        await until(gate.held.is_set)
+        task.cancel()  # what a client disconnect does
+        await asyncio.gather(task, return_exceptions=True)
+        assert engine.in_flight == 0
+        gate.go.set()
+        await until(lambda: not engine._generator.active and not engine._generator.decoder.running)
+        assert len(gate.rows) < 5  # left at the next token boundary, not after 40 steps
+        assert engine.metrics.rejected.labels("cancelled")._value.get() == 1
+        assert (await ask(engine, "caption:", SHORT, image_id=image)).outputs[0].token_ids
+        await engine.close()
+
+    run(main())
+
+
+def test_a_running_request_past_its_deadline_is_504_and_leaves_the_batch(bundle):
+    async def main():
+        engine = make_engine(bundle, max_batch_size=2, timeout_s=0.3)
+        await engine.start()
+        image = cached(engine)
+        gate = StepGate(engine, hold_at=2)
+        with pytest.raises(DeadlineExceeded):  # the model thread is held past the deadline
+            await ask(engine, "tell me everything:", LONG, image_id=image)
+        assert engine.in_flight == 0
+        gate.go.set()
+        await until(lambda: not engine._generator.active and not engine._generator.decoder.running)
+        assert len(gate.rows) < 5
+        await engine.close()
+
+    run(main())
+
+
+def test_more_rows_than_the_batch_and_beam_search_still_answer(bundle):
+    """Three VQA rows through a batch of two (the third joins when a row is free) give the rows decoded
+    alone; beam search, which the decoder does not run, goes to the backend's whole-batch path."""
+
+    async def main():
+        from qformer.generation import decode_from_queries
+
+        engine = make_engine(bundle, max_batch_size=2)
+        await engine.start()
+        image = cached(engine)
+        prompts = ["q1", "what colour?", "how many shapes are there?"]
+        async with engine.admit() as ticket:
+            got = await engine.run(ticket, Job(prompts=prompts, config=GREEDY, image_id=image))
+        queries = engine.cache.get(image).queries
+        want = decode_from_queries(bundle.bridge, bundle.tokenizer, queries.expand(3, -1, -1), prompts, None, GREEDY)
+        assert [g.token_ids for g in got.outputs] == [w.token_ids for w in want]
+        beam = await ask(engine, "caption:", BEAM, image_id=image)
+        assert beam.outputs[0].token_ids
+        assert engine.metrics.batch_size.labels("generate_alone")._sum.get() == 1
+        await engine.close()
+
+    run(main())
