@@ -189,8 +189,24 @@ def test_bench_runs(live_server, tmp_path, png):
                           "--requests", "4", "--concurrency", "1,2", "--max-new-tokens", "2", "--api-key", API_KEY],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    rows = [line.split() for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]
+    rows = [line.split(", ")[-1].split() for line in out.stdout.splitlines() if line.startswith("server at")]
     assert [r[0] for r in rows] == ["1", "2"] and all(r[-1] == "0" for r in rows)  # no errors
+
+
+def test_bench_measures_transformers_our_loop_and_a_server_in_one_run(bundle_dir):
+    out = subprocess.run([sys.executable, "-m", "service.bench", "--model", str(bundle_dir), "--requests", "2",
+                          "--concurrency", "1,2", "--max-new-tokens", "3", "--warmup", "1", "--threads", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    table = [line for line in lines if line.startswith(("transformers", "our", "server")) and ":" not in line]
+    names = [line.split("  ")[0] for line in table]
+    assert names == ["transformers generate, batch 1", "our decode loop, batch 1",
+                     "transformers generate, one batch of 2", "server torch, 1 client", "server torch, 2 clients"]
+    servers = [line.split() for line in table if line.startswith("server")]
+    assert all(r[-1] == "0" and float(r[4]) > 0 for r in servers)  # no errors, captions/s measured
+    assert any(line.startswith("server torch: 2 clients:") and "transformers batch 1" in line for line in lines)
+    assert any("server overhead" in line for line in lines)
 
 
 def test_serve_refuses_a_missing_model_clearly(tmp_path):
