@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable
@@ -378,10 +379,12 @@ class _ContinuousStage:
     """Iteration-level scheduling (as in Orca and vLLM) over the backend's `Decoder`.
 
     Each iteration, on the model thread: the rows of requests cancelled or past their deadline leave the
-    running batch; waiting requests' rows take the free rows, prefilled together in one forward; then one
-    decode step for every running row. A request is answered as soon as its own rows are done, so a short
-    request never waits for a long one, and a newcomer waits at most one step (no `max_wait_ms`). Between
-    iterations the model thread is free for an encode batch. What the decoder refuses (`Decoder.fits`: beam
+    running batch; waiting requests' rows take the free rows, prefilled together in one forward; then decode
+    steps for every running row, until a request is answered or the scheduler is wanted (`wake`: a newcomer,
+    a request gone, an image to encode), at most `steps_per_call` (fewer thread hops per token). A request
+    is answered as soon as its own rows are done, so a short request never waits for a long one, and a
+    newcomer waits at most one step (no `max_wait_ms`). Between iterations the model thread is free for an
+    encode batch. What the decoder refuses (`Decoder.fits`: beam
     search, a row longer than its cache) runs alone through `backend.generate` when it reaches the head.
     Same interface as `_Stage` (`put`, `discard`, `start`, `close`, `items` = the waiting items).
     """
@@ -398,6 +401,10 @@ class _ContinuousStage:
         self.active: list[_Request] = []  # some rows joined; in arrival order
         self.decoder: Decoder | None = None
         self._arrived = asyncio.Event()
+        # Set when the scheduler has something to do between steps (a newcomer, a request gone, an encode
+        # batch waiting for the model thread); until then one iteration runs up to `steps_per_call` steps.
+        self._wake = threading.Event()
+        self.steps_per_call = 16
         self._loop_task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -408,15 +415,21 @@ class _ContinuousStage:
     def put(self, item: _Item) -> None:
         self.items.append(item)
         self._arrived.set()
+        self.wake()
         self._gauge()
 
     def discard(self, item: _Item) -> None:
-        """A waiting item goes now; a running one's rows leave at the next iteration (its future is done)."""
+        """A waiting item goes now; a running one's rows leave at the next step (its future is done)."""
         try:
             self.items.remove(item)
         except ValueError:
             pass
+        self.wake()
         self._gauge()
+
+    def wake(self) -> None:
+        """End the running iteration at the next token boundary (thread-safe)."""
+        self._wake.set()
 
     def _gauge(self) -> None:
         self.metrics.pending.labels(self.name).set(len(self.items))
@@ -442,6 +455,7 @@ class _ContinuousStage:
 
     def _plan(self) -> tuple[list[Sequence], list[tuple[_Request, int, int]]]:
         """The running rows to drop (their requests are gone) and the rows joining: (request, first, count)."""
+        self._wake.clear()  # what arrives from now on ends the coming iteration early
         gone = [r for r in self.active if r.item.future.done()]
         drops = [s for r in gone for s in r.seqs if s.row >= 0]
         self.active = [r for r in self.active if not r.item.future.done()]
@@ -507,7 +521,14 @@ class _ContinuousStage:
                 seqs += r.seqs[first : first + k]
             finished += decoder.add(embeds, seqs)
         stepped = len(decoder.running)
-        finished += decoder.step()
+        done = self._answered(finished)
+        for _ in range(self.steps_per_call):  # until a request is answered or the scheduler is wanted
+            done += self._answered(decoder.step())
+            if done or self._wake.is_set() or not decoder.running:
+                break
+        return done, sum(k for _, _, k in joins), stepped
+
+    def _answered(self, finished: list[Sequence]) -> list[tuple[_Request, list[Generated], float]]:
         done = []
         for s in finished:
             r = s.owner
@@ -516,7 +537,7 @@ class _ContinuousStage:
                 config = r.item.payload.config
                 outputs = [finish(self.backend.tokenizer, q.ids, q.logprobs, config) for q in r.seqs]
                 done.append((r, outputs, time.perf_counter() - r.started))
-        return done, sum(k for _, _, k in joins), stepped
+        return done
 
     async def _run_alone(self, item: _Item) -> None:
         p = item.payload
@@ -738,6 +759,8 @@ class Engine:
         return JobResult(outputs, sum(rows.lengths), completion, t, size)
 
     async def _encode(self, ticket: Ticket, image: Image.Image) -> torch.Tensor:
+        if isinstance(self._generator, _ContinuousStage):
+            self._generator.wake()  # the decoder yields the model thread at the next token boundary
         queries, seconds = await self._submit(self._encoder, ticket, "encode", 1, image)
         ticket.timings.encode_ms = seconds * 1000
         return queries
