@@ -406,3 +406,25 @@ def test_more_rows_than_the_batch_and_beam_search_still_answer(bundle):
         await engine.close()
 
     run(main())
+
+
+def test_a_failed_step_fails_the_running_requests_and_the_next_get_a_fresh_decoder(bundle):
+    async def main():
+        engine = make_engine(bundle, max_batch_size=2)
+        await engine.start()
+        image = cached(engine)
+        broken = engine._generator.decoder
+
+        def step():
+            raise RuntimeError("a bug at 0x7f00")
+
+        broken.step = step
+        with pytest.raises(InternalError) as exc:
+            await ask(engine, "caption:", SHORT, image_id=image)
+        assert exc.value.status == 500 and "0x7f" not in exc.value.message
+        assert engine._generator.decoder is not broken and not engine._generator.active
+        assert engine.in_flight == 0
+        assert len((await ask(engine, "caption:", SHORT, image_id=image)).outputs[0].token_ids) == 3
+        await engine.close()
+
+    run(main())
