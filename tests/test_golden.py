@@ -35,6 +35,23 @@ def test_figures_hold(results):
     assert precisions[-1] > precisions[0]  # caption precision rises with the quality level
 
 
+def _tower() -> str:
+    return json.loads((BUNDLE / "vision" / "config.json").read_text())["model_type"]
+
+
+@pytest.mark.skipif(not (BUNDLE / "qbridge.json").is_file() or _tower() == "blip_2_vision_model",
+                    reason="the demo's tower is BLIP-2's: the export parity test below applies")
+def test_export_hf_refuses_the_demo_and_says_why(tmp_path):
+    from qformer.bundle import BundleError
+    from qformer.hf_interop import export_hf
+
+    with pytest.raises(BundleError, match="needs BLIP-2's vision tower.*ResNetModel"):
+        export_hf(BUNDLE, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.skipif(not (BUNDLE / "qbridge.json").is_file() or _tower() != "blip_2_vision_model",
+                    reason="the demo's tower is not BLIP-2's: export-hf refuses it (test above)")
 def test_export_hf_gives_the_same_greedy_tokens(tmp_path):
     from transformers import Blip2ForConditionalGeneration
 
