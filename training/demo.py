@@ -46,7 +46,7 @@ class Plan:
     llm_steps: int = 2500
     vision_steps: int = 640
     stage1_steps: int = 800
-    stage2_steps: int = 2000
+    stage2_steps: int = 3000
     ablation_steps: int = 300
     eval_n: int | None = None  # all test images
     gate_n: int = 200  # val scenes of the LLM's oracle gate
