@@ -4,8 +4,8 @@ This module owns everything about how a box is written as text for the LLM and r
 quantisation, token names, the sequence format, the tolerant parser and per-box scores.
 It depends only on the standard library.
 
-Quantisation (Florence-2's pair; see ``/work/shared/reference/detection_and_captions.md`` 2.2)
--------------------------------------------------------------------------------------------------
+Quantisation (Florence-2's pair: Xiao et al., CVPR 2024, section 3)
+-------------------------------------------------------------------
 Each axis is normalised by its own image size (x by the width, y by the height), so non-square
 images use the full bin range on both axes. With ``B = num_bins``::
 

@@ -3,7 +3,7 @@
 Every non-2xx response is ``{"error": {"message", "type", "param", "code"}}``. The HTTP status lives on
 the exception class (one obvious way: ``err.status``). Messages are fixed text written by this
 service; they may name a limit and the value seen (numbers), but never carry exception text, file
-paths, memory addresses or an echo of the client's input (BAD_INPUTS.md, every row).
+paths, memory addresses or an echo of the client's input (service/BAD_INPUTS.md, every row).
 
     install_error_handlers(app)          # once, in build_app
     raise ImageTooLarge("image is 30000x30000 = 900.0 megapixels; the limit is 40 megapixels")

@@ -1,4 +1,4 @@
-"""Safe intake of untrusted images, questions and URLs (BAD_INPUTS.md rows 4-5, 7-18, 20).
+"""Safe intake of untrusted images, questions and URLs (service/BAD_INPUTS.md rows 4-5, 7-18, 20).
 
 Pure Pillow + stdlib, no model imports. Every refusal is a `service.errors.ServiceError` with a fixed
 message; anything Pillow raises while parsing becomes 400 `invalid_image`, so a malformed file can
@@ -363,8 +363,8 @@ def load_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> LoadedImage
                 log.info("image seek/draft failed", exc_info=True)
                 raise InvalidImage("the image could not be decoded", param="image") from None
             # The cap bounds the raster decoding allocates. A baseline JPEG is decoded at the draft scale
-            # with row buffers, so its decoded size counts (this is what admits a 48 MP photo, BAD_INPUTS
-            # row 13). A progressive JPEG keeps every DCT coefficient at full size (~3 bytes/pixel) until
+            # with row buffers, so its decoded size counts (this is what admits a 48 MP photo,
+            # service/BAD_INPUTS.md row 13). A progressive JPEG keeps every DCT coefficient at full size (~3 bytes/pixel) until
             # the last scan, so like every other format it is capped by its header size.
             baseline_jpeg = fmt == "JPEG" and not img.info.get("progressive")
             check_pixels(*(img.size if baseline_jpeg else (width, height)), limits)

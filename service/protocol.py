@@ -8,7 +8,7 @@ Task endpoints take the image one of three ways, exactly one per request:
 
 JSON bodies are validated strictly (`"5"` is not an integer) and unknown fields are refused (422).
 Counts and lengths that are service limits (questions per request, characters per question) are
-checked at runtime against the settings and refused with 400, as BAD_INPUTS.md rows 4-5 say.
+checked at runtime against the settings and refused with 400, as service/BAD_INPUTS.md rows 4-5 say.
 
 Generation settings: `strategy` is greedy unless given; giving `num_beams` > 1 alone means beam, giving
 `temperature` or `top_p` alone means sample.

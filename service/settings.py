@@ -65,7 +65,7 @@ class Settings:
         flag="--allow-url-host",
     )
     url_fetch_timeout_s: float = _opt(5.0, "timeout for fetching an allowlisted image URL")
-    # --- request limits (BAD_INPUTS.md)
+    # --- request limits (service/BAD_INPUTS.md)
     max_body_bytes: int = _opt(16 * MiB, "largest request body; larger gets 413 while streaming")
     max_image_bytes: int = _opt(10 * MiB, "largest image after base64 decoding")
     max_pixels: int = _opt(40_000_000, "largest image in pixels, checked from the header before decoding")

@@ -1,4 +1,4 @@
-"""Safe image intake: BAD_INPUTS.md rows 4-5, 7-18 and 20, each with at least one case.
+"""Safe image intake: service/BAD_INPUTS.md rows 4-5, 7-18 and 20, each with at least one case.
 
 Every test image is built here, in code (Pillow or hand-written bytes); nothing is read from disk.
     .venv/bin/python -m pytest tests/test_images.py -q

@@ -354,7 +354,7 @@ def _write_json(path: Path, obj: dict) -> None:
 def llm_config(tokenizer, *, hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2,
                intermediate_size: int = 688, max_position_embeddings: int = 256):
     """The demo LLM's ``LlamaConfig``. head_dim = hidden_size / num_heads = 64 by default: vLLM's CPU
-    attention rejects smaller heads (DESIGN.md section 8)."""
+    attention rejects smaller heads (tests/test_vllm_backend.py serves this architecture)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(

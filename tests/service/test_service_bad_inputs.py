@@ -1,4 +1,4 @@
-"""BAD_INPUTS.md, every row through the HTTP endpoints (the intake itself is unit-tested in tests/test_images.py).
+"""service/BAD_INPUTS.md, every row through the HTTP endpoints (the intake itself is unit-tested in tests/test_images.py).
 
 Each case checks the status and the error envelope (fixed message, no exception text, paths, addresses or
 echo), then that the server is still ready and the next good request answers 200. In-process cases use
