@@ -1,6 +1,7 @@
 """Dependency direction: training -> qformer <- service; the model package needs no serving or training libs."""
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -34,13 +35,11 @@ def test_documents_cited_by_the_code_are_in_the_repository():
     """A docstring or comment that names a Markdown file names one that ships with the code: a relative
     path from the repository root or from the citing file's folder. Files the code writes are not
     citations: argparse metavars, and the two reports below."""
-    import re
-
     written = {"REPORT.md", "eval.md"}  # `qbridge demo build`'s report; `qbridge eval --markdown eval.md`
 
     cited = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*[A-Za-z_][\w.-]*\.md)\b")
     missing = []
-    for package in ("qformer", "training", "service", "tests"):
+    for package in (*FORBIDDEN, "tests"):
         for path in (ROOT / package).rglob("*.py"):
             for lineno, line in enumerate(path.read_text().splitlines(), 1):
                 if "metavar=" in line:
