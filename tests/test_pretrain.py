@@ -132,7 +132,7 @@ def test_a_packed_scene_computes_each_document_as_if_read_alone(tok):
     rows = [pretrain._pack(tok, g, 128) for g in groups]
     batch = pretrain._collate(rows, tok.pad_token_id)
     with torch.no_grad():
-        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        packed = model(**{k: v for k, v in batch.items() if k not in ("labels", "weights")}).logits
         for i, (group, row) in enumerate(zip(groups, rows)):
             segments = torch.tensor(row.segments)
             for k, d in enumerate(group, start=1):
@@ -146,6 +146,34 @@ def test_a_packed_scene_computes_each_document_as_if_read_alone(tok):
     labels = batch["labels"][0, : len(rows[0].ids)]
     first = [abs(x) for x in rows[0].segments].index(1)
     assert (labels[:first] == -100).all() and labels[first] == -100 and labels[first + 1] != -100
+
+
+def test_weighted_loss_is_the_models_own_at_weight_one_and_weighs_vqa_answers_only(tok):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llm_config(tok, **TINY_LLM)).eval()
+    groups = list(pretrain.world_scenes(3, 2))
+    plain = pretrain._collate([pretrain._pack(tok, g, 128) for g in groups], tok.pad_token_id)
+    with torch.no_grad():
+        own = model(**{k: v for k, v in plain.items() if k != "weights"}).loss
+        torch.testing.assert_close(pretrain.weighted_lm_loss(model, plain), own)
+    row = pretrain._pack(tok, groups[0], 128, answer_weight=3.0)
+    heavy = [t for t, w in zip(row.labels, row.weights) if w == 3.0]
+    answers = "".join(f" {d.target}</s>" for d in groups[0] if d.task == "vqa")
+    assert tok.decode(heavy) == answers
+    assert all(w == 0.0 for t, w in zip(row.labels, row.weights) if t == -100)
+    assert set(row.weights) == {0.0, 1.0, 3.0}
+
+
+def test_llm_pretraining_continues_from_a_saved_llm(tok, tmp_path):
+    kw = dict(steps=24, batch_size=16, lr=3e-3, eval_scenes=0, progress=False, **TINY_LLM)
+    first = pretrain_llm(None, tok, tmp_path / "a", **kw)
+    more = pretrain_llm(None, tok, None, **dict(kw, steps=2, lr=1e-6), init_from=tmp_path / "a")
+    # it starts where the saved one ended, not from scratch
+    assert more["first_loss"] < first["first_loss"] - 0.5
+    assert abs(more["first_loss"] - first["final_loss"]) < 0.3
+    assert more["parameters"] == first["parameters"]
 
 
 # ----------------------------------------------------------------------------- LLM
