@@ -197,7 +197,6 @@ def test_evaluate_bundle_reports_every_section_in_range(world, results):
 
     det = results["detection"]
     assert _in_unit(det["map50"]) and _in_unit(det["map50_95"]) and det["map50_95"] <= det["map50"]
-    assert det["n_detections"] >= 0 and det["unknown_labels"] >= 0
 
     ret = results["retrieval"]
     assert ret["n_texts"] == 3  # the "normal" caption of each image
@@ -279,6 +278,29 @@ def test_an_oracle_model_scores_perfectly(world, monkeypatch):
     det = out["detection"]
     assert det["unknown_labels"] == 0 and det["n_detections"] == sum(len(s.objects) for s in scenes.values())
     assert det["map50"] == pytest.approx(1.0) and det["map50_95"] > 0.9
+
+
+def test_detection_counts_each_parsed_box_once_known_or_unknown(world, monkeypatch):
+    """Each image's detection text holds one box of a known category and one of a label the data does
+    not have: the counts say exactly that, and only the known box reaches COCOeval."""
+    root, bundle = world
+    cfg = bundle.bridge.cfg
+    data = root / "data"
+    category = json.loads((data / "instances_test.json").read_text())["categories"][0]["name"]
+    codec = BoxCodec(cfg.num_loc_bins)
+
+    def fake(bridge, tokenizer, vision_feats, prompts, quality=None, config=None):
+        out = []
+        for prompt in prompts:
+            text = (codec.encode([(category, (0, 0, 16, 16)), ("purple blob", (4, 4, 20, 20))], 32, 32)
+                    if prompt == cfg.prompts.detect_prompt() else "yes")
+            pieces = [p for p in re.split(r"(<loc_\d+>)", text) if p]
+            out.append(Generated(text, [], [-0.1] * len(pieces), "stop", pieces))
+        return out
+
+    monkeypatch.setattr(ev, "generate", fake)
+    det = evaluate_bundle(bundle, data, "test", progress=False)["detection"]
+    assert (det["n_detections"], det["unknown_labels"]) == (3, 3)
 
 
 def test_cli_refuses_a_missing_split_and_an_unknown_level(world, tmp_path, capsys):
