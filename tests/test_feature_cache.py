@@ -1,0 +1,32 @@
+"""The frozen-feature cache (fp16 on disk) against encoding the same images on the fly."""
+
+import torch
+
+from tests.tiny import tiny_bridge
+from training import shapes
+from training.data import Example, VisionFeatures, build_feature_cache
+
+# fp16 keeps 11 significant bits: a relative error of at most 2**-11 per element, plus rounding near zero.
+RTOL, ATOL = 2**-10, 1e-4
+
+
+def test_cached_features_match_on_the_fly_encoding_at_fp16_precision(tmp_path):
+    root = tmp_path / "data"
+    shapes.write_dataset(root, 6, seed=3, n_val=0, n_test=0, n_heldout=0, size=(32, 32), progress=False)
+    paths = sorted((root / "images" / "train").glob("*.png"))
+    examples = [Example(i, str(p), "", "caption") for i, p in enumerate(paths)]
+    bridge, _, proc = tiny_bridge()
+    bridge.eval()
+    cache = build_feature_cache(examples, bridge.encode_images, proc, tmp_path / "cache", batch_size=4,
+                                fingerprint="x")
+    with torch.no_grad():
+        live, kept = VisionFeatures(bridge.encode_images, proc)(examples)
+    cached, kept_cached = VisionFeatures(bridge.encode_images, proc, cache)(examples)
+    assert [e.image_id for e in kept] == [e.image_id for e in kept_cached] == list(range(len(paths)))
+    assert cached.dtype == live.dtype == torch.float32 and cached.shape == live.shape
+    torch.testing.assert_close(cached, live, rtol=RTOL, atol=ATOL)
+    assert not torch.equal(cached, live)  # it is stored in fp16: close, not bit-equal
+
+    # a second build with the same fingerprint reads the file back, unchanged
+    again = build_feature_cache(examples, lambda _: 1 / 0, proc, tmp_path / "cache", fingerprint="x")
+    assert set(again) == set(cache) and all(torch.equal(again[k], cache[k]) for k in cache)
