@@ -90,7 +90,8 @@ def test_quality_then_stage2_writes_a_bundle(world, tmp_path):
 
 def test_stage2_trains_on_the_prompts_its_bridge_config_carries(world, tmp_path):
     from qformer.prompts import PRESETS
-    from training.train import _examples, build_parts
+    from training.parts import build_parts
+    from training.train import _examples
 
     cfg = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path, **{
         "model.prompts": "blip2-opt", "data.captions": "captions_{split}.json"}))
@@ -164,7 +165,7 @@ class _NumberTokenizer:
 
 def test_location_rows_start_at_the_llms_number_rows():
     from tests.tiny import tiny_bridge
-    from training.train import init_location_rows_from_numbers
+    from training.parts import init_location_rows_from_numbers
 
     bridge, _, _ = tiny_bridge(num_loc_bins=4)
     before = bridge.loc_embeddings.detach().clone()

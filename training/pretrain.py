@@ -20,7 +20,7 @@ one document a row gave caption precision 0.999, VQA 0.62, detection mAP@0.5 0.0
 three times the documents for the same compute, gave 0.999, 0.69 and 0.99. (An earlier demo LLM that saw a
 context in ~3 % of its texts did not read it at all; ``evaluate_llm`` reports that gap as
 ``wrong_context_*``.) The bridge's
-``<loc_i>`` rows start at the rows of the numbers ``" i"`` (``training.train.init_location_rows_from_numbers``).
+``<loc_i>`` rows start at the rows of the numbers ``" i"`` (``training.parts.init_location_rows_from_numbers``).
 More answer signal did not teach the look-ups: the 2500-step LLM continued 300 steps with 16 questions a
 scene and answers weighted 5x (``init_from``, ``n_questions``, ``answer_weight``) went from VQA 0.746 to
 0.750 on the gate; the defaults stay 8 questions at weight 1.
@@ -44,12 +44,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from qformer.boxes import BoxCodec, reading_order_key
 from qformer.prompts import caption_prompt, detect_prompt, vqa_prompt
 from training import shapes
+from training.optim import adamw, lr_schedule, optimizer_step, run_metrics, write_json
 from training.shapes import (
     BACKGROUNDS, COLOURS, COLS, NUMBER_WORDS, PLURALS, POSITION_PHRASES, ROWS, SEEN_PAIRS, SHAPES,
     SIZES, Scene, make_scene, questions, reading_order, training_captions,
@@ -71,9 +71,6 @@ WORLD_WORDS = tuple(dict.fromkeys(
     + "there is are shape shapes object objects background a an and how many what where colour size yes no".split()
 ))
 PROMPT_WORDS = ("caption:", "question:", "answer:", "detect:")
-# Image normalisation of the vision encoder: CLIP's constants, as BLIP-2's processor uses.
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ----------------------------------------------------------------------------- world text
@@ -305,52 +302,6 @@ def _pad(rows: list[list[int]], pad_id: int,
     return ids, mask, labels
 
 
-def _schedule(step: int, steps: int, warmup: int, min_ratio: float = 0.1) -> float:
-    """Linear warmup, then cosine down to ``min_ratio`` of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    # Only matrices decay; norms, biases and temperatures do not.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.95))
-
-
-def optimizer_step(model: nn.Module, loss: torch.Tensor, opt, sched, clip: float = 1.0) -> float:
-    """Backward, clip, step the optimizer and the schedule, clear the gradients; -> the loss."""
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()
-
-
-def _run_metrics(losses: list[float], steps: int, start: float, cpu_start: float) -> dict:
-    """Timings and the loss curve (means over 10 steps) of a pretraining run."""
-    seconds = time.perf_counter() - start
-
-    def mean(xs):
-        return sum(xs) / max(1, len(xs))
-
-    return {
-        # cpu_seconds (all threads) next to wall seconds: on a shared machine the wall time says little
-        "steps": steps, "seconds": seconds, "seconds_per_step": seconds / max(1, steps),
-        "cpu_seconds": time.process_time() - cpu_start, "threads": torch.get_num_threads(),
-        "loss_curve": {s: mean(losses[max(0, s - 10):s]) for s in sorted({*range(50, steps + 1, 50), steps})},
-        "first_loss": mean(losses[:10]),
-        "final_loss": mean(losses[-10:]),
-    }
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 # ----------------------------------------------------------------------------- LLM
 
 
@@ -548,9 +499,9 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
                                             num_heads=num_heads, num_kv_heads=num_kv_heads,
                                             intermediate_size=intermediate_size))
     model.train()
-    opt = _optimizer(model, lr, weight_decay)
+    opt = adamw(model, lr, weight_decay)
     warmup = max(1, steps // 20) if warmup is None else warmup
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, warmup))
     rng = Random(f"qbridge-pretrain-llm/{seed}")
     batches = _TextBatches(_text_stream(data, seed, noise, rng, context, n_questions), tokenizer, batch_size,
                            max_len, rng, answer_weight=answer_weight)
@@ -565,7 +516,7 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     bar.close()
     metrics = {
-        **_run_metrics(losses, steps, start, cpu_start),
+        **run_metrics(losses, steps, start, cpu_start),
         "parameters": sum(p.numel() for p in model.parameters()),
         "val": evaluate_llm(model, tokenizer, seed, eval_scenes, max_len) if eval_scenes else {},
     }
@@ -575,7 +526,7 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out))  # transformers 5 writes safetensors only
         tokenizer.save_pretrained(str(out))
-        _write_json(out / "pretrain.json", {"component": "llm", "seed": seed, "batch_size": batch_size, "lr": lr,
+        write_json(out / "pretrain.json", {"component": "llm", "seed": seed, "batch_size": batch_size, "lr": lr,
                                             "max_len": max_len, "noise": noise, "context": context,
                                             "n_questions": n_questions, "answer_weight": answer_weight,
                                             "init_from": str(init_from) if init_from else None,
@@ -583,17 +534,6 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
                                                 data, (str, Path)) else None, "metrics": metrics})
     metrics["model"] = model
     return metrics
-
-
-# ----------------------------------------------------------------------------- vision
-
-
-def image_processor(image_size: int = 128):
-    """The encoder's preprocessing (resize, rescale, CLIP normalisation), as transformers' BLIP processor."""
-    from transformers import BlipImageProcessorPil
-
-    return BlipImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=list(IMAGE_MEAN),
-                                 image_std=list(IMAGE_STD), do_convert_rgb=True)
 
 
 # ----------------------------------------------------------------------------- CLI

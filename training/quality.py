@@ -67,7 +67,7 @@ def load_stage1(cfg: TrainConfig, stage1_dir: str):
     """The stage-1 bridge (no LLM) with its trained weights; every trained key must be there."""
     from safetensors.torch import load_file
 
-    from training.train import build_parts
+    from training.parts import build_parts
 
     parts = build_parts(cfg, with_llm=False)
     state = load_file(Path(stage1_dir) / "final" / "stage1.safetensors")

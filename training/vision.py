@@ -47,6 +47,19 @@ GATE = {"shape": 0.95, "colour": 0.95, "size": 0.95, "centre_recall": 0.95, "cen
 TINY = {"embedding_size": 8, "hidden_sizes": (8, 16, 32), "depths": (1, 1, 1), "batch_size": 8}
 
 
+# Image normalisation of the vision encoder: CLIP's constants, as BLIP-2's processor uses.
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_processor(image_size: int = 128):
+    """The encoder's preprocessing (resize, rescale, CLIP normalisation), as transformers' BLIP processor."""
+    from transformers import BlipImageProcessorPil
+
+    return BlipImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=list(IMAGE_MEAN),
+                                 image_std=list(IMAGE_STD), do_convert_rgb=True)
+
+
 def tower_config(*, embedding_size: int = 32, hidden_sizes: Sequence[int] = (48, 96, 192),
                  depths: Sequence[int] = (2, 2, 2)):
     """The demo tower's ``ResNetConfig``: stem stride 4, then stages at strides 4, 8, 16: a 10x10 grid of
@@ -149,7 +162,7 @@ def pretrain_tower(out_dir: str | Path | None = None, steps: int = 640, *, image
     (:func:`probe_tower`; ``probe_scenes=(0, 0)`` skips it)."""
     from transformers import ResNetModel
 
-    from training.pretrain import _optimizer, _run_metrics, _schedule, _write_json, image_processor, optimizer_step
+    from training.optim import adamw, lr_schedule, optimizer_step, run_metrics, write_json
 
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)
@@ -158,9 +171,9 @@ def pretrain_tower(out_dir: str | Path | None = None, steps: int = 640, *, image
     grid = image_size // 16
     heads = DenseHeads(hidden_sizes[-1])
     model = nn.ModuleDict({"tower": tower, "heads": heads}).train()
-    opt = _optimizer(model, lr, weight_decay)
+    opt = adamw(model, lr, weight_decay)
     warmup = max(1, steps // 20) if warmup is None else warmup
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup, 0.02))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, warmup, 0.02))
     losses: list[float] = []
     terms: dict[str, list[float]] = {}
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -176,7 +189,7 @@ def pretrain_tower(out_dir: str | Path | None = None, steps: int = 640, *, image
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     bar.close()
     tower.eval()
-    metrics = {**_run_metrics(losses, steps, start, cpu_start),
+    metrics = {**run_metrics(losses, steps, start, cpu_start),
                "final_losses": {k: sum(v[-10:]) / len(v[-10:]) for k, v in terms.items()},
                "parameters": sum(p.numel() for p in tower.parameters()),
                "val": probe_tower(tower, processor, seed=seed, n_fit=probe_scenes[0], n_eval=probe_scenes[1])
@@ -186,7 +199,7 @@ def pretrain_tower(out_dir: str | Path | None = None, steps: int = 640, *, image
         out.mkdir(parents=True, exist_ok=True)
         tower.save_pretrained(str(out))
         processor.save_pretrained(str(out))
-        _write_json(out / "pretrain.json", {"component": "vision", "tower": "ResNetModel", "seed": seed,
+        write_json(out / "pretrain.json", {"component": "vision", "tower": "ResNetModel", "seed": seed,
                                             "batch_size": batch_size, "lr": lr, "image_size": image_size,
                                             "objective": "dense shapes-world labels, fresh scenes",
                                             "metrics": metrics})
