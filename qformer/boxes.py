@@ -86,6 +86,9 @@ LOC_TOKEN_RE = re.compile(r"<loc_(\d+)>")
 
 #: What :meth:`BoxCodec.encode` writes between objects; the parser splits on ``;`` alone.
 SEPARATOR = "; "
+# The generation budget of one object in a detection sequence: its label (up to 6 tokens), 4 location
+# tokens and the separator. Evaluation and the service size ``max_new_tokens`` by it.
+DETECT_TOKENS_PER_OBJECT = 11
 
 Box = tuple[float, float, float, float]
 

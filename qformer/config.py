@@ -98,6 +98,11 @@ class BridgeConfig:
     def replace(self, **changes: Any) -> "BridgeConfig":
         return dataclasses.replace(self, **changes)
 
+    def quality_name(self, level: int) -> str:
+        """Level ``level``'s name (``quality_names``), or its number when it has none: the one naming
+        that evaluation reports, the service answers and ``/v1/models`` lists."""
+        return self.quality_names[level] if level < len(self.quality_names) else str(level)
+
     def quality_level(self, level: int | str) -> int:
         """A level number or name -> index in 0..K-1."""
         if self.num_quality_levels == 0:

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
-from qformer.boxes import BoxCodec
+from qformer.boxes import DETECT_TOKENS_PER_OBJECT, BoxCodec
 from qformer.generation import GenerationConfig
 from service import chat as chatmap
 from service.bodies import decode_image, image_source, media_type, read_body, read_json
@@ -68,7 +68,6 @@ router = APIRouter()
 
 STATIC = FilePath(__file__).parent / "static"
 DEFAULT_MAX_NEW_TOKENS = {"caption": 40, "vqa": 10}
-DETECT_TOKENS_PER_OBJECT = 11  # label (<= 6 tokens) + 4 location tokens + separator, as in training.evaluate
 
 _ERRORS = {
     status: {"model": ErrorEnvelope, "description": text}
@@ -174,15 +173,11 @@ def resolve_quality(engine: Engine, value: int | str | None) -> int | None:
 
 def _level_names(engine: Engine) -> list[str]:
     cfg = engine.model_config
-    return [f"{i} ({_quality_name(cfg, i)})" for i in range(cfg.num_quality_levels)]
-
-
-def _quality_name(cfg, level: int) -> str:
-    return cfg.quality_names[level] if level < len(cfg.quality_names) else str(level)
+    return [f"{i} ({cfg.quality_name(i)})" for i in range(cfg.num_quality_levels)]
 
 
 def quality_info(engine: Engine, level: int | None) -> QualityInfo | None:
-    return None if level is None else QualityInfo(level=level, name=_quality_name(engine.model_config, level))
+    return None if level is None else QualityInfo(level=level, name=engine.model_config.quality_name(level))
 
 
 def usage(result: JobResult) -> Usage:
@@ -410,7 +405,7 @@ async def models(request: Request):
     state = app_state(request)
     engine = state.require_engine()
     cfg = engine.model_config
-    levels = [QualityLevel(level=i, name=_quality_name(cfg, i)) for i in range(cfg.num_quality_levels)]
+    levels = [QualityLevel(level=i, name=cfg.quality_name(i)) for i in range(cfg.num_quality_levels)]
     limits = state.limits
     caps = ModelCapabilities(
         quality_levels=levels, default_quality=(cfg.num_quality_levels - 1) if levels else None,

@@ -162,3 +162,9 @@ def test_a_conv_tower_bundle_round_trips_and_export_hf_refuses_it(tmp_path, caps
     err = capsys.readouterr().err
     assert "Blip2VisionModel" in err and "ResNetModel" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_quality_levels_are_named_once_in_the_config():
+    cfg = tiny_bridge(num_quality_levels=3)[0].cfg.replace(quality_names=("low", "mid"))
+    assert [cfg.quality_name(i) for i in range(3)] == ["low", "mid", "2"]  # unnamed levels go by number
+    assert cfg.quality_level("mid") == 1 and cfg.quality_level("2") == 2

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qformer.boxes import BoxCodec
+from qformer.boxes import DETECT_TOKENS_PER_OBJECT, BoxCodec
 from qformer.generation import GenerationConfig, generate
 from qformer.qformer import AttentionMode
 from training.datasets import load_rgb
@@ -44,7 +44,6 @@ from training.shapes import Scene, caption_precision_recall
 CAPTION_MAX_NEW_TOKENS = 40
 VQA_MAX_NEW_TOKENS = 5  # answers are one or two words; VQAv2 answers rarely run longer
 # Budget per object in a detection sequence: up to 6 label tokens, 4 location tokens, 1 separator.
-DETECT_TOKENS_PER_OBJECT = 11
 DETECT_SPARE_OBJECTS = 2  # room for a model that lists more objects than the busiest scene has
 RETRIEVAL_MAX_LENGTH = 64
 
@@ -279,9 +278,7 @@ def _batches(items: Sequence, size: int):
 
 
 def _level_name(cfg, level: int | None) -> str:
-    if level is None:
-        return "default"
-    return cfg.quality_names[level] if cfg.quality_names else str(level)
+    return "default" if level is None else cfg.quality_name(level)
 
 
 def task_quality(cfg) -> int | None:

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qformer.boxes import BoxCodec
+from qformer.boxes import DETECT_TOKENS_PER_OBJECT, BoxCodec
 from qformer.prompts import caption_prompt, detect_prompt, vqa_prompt
 from training.evaluate import (
-    CAPTION_MAX_NEW_TOKENS, DETECT_SPARE_OBJECTS, DETECT_TOKENS_PER_OBJECT, VQA_MAX_NEW_TOKENS, detection_map,
+    CAPTION_MAX_NEW_TOKENS, DETECT_SPARE_OBJECTS, VQA_MAX_NEW_TOKENS, detection_map,
     scene_caption_scores, vqa_scores,
 )
 from training.pretrain import LOC_BINS, scene_description
