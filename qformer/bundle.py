@@ -200,9 +200,15 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     return Bundle(bridge.eval(), tokenizer, image_processor, bundle_dir, qformer_tokenizer)
 
 
-def load_trainable(bridge: Bridge, state: dict[str, torch.Tensor]) -> None:
-    """Strict: the same key set with the same shapes, or a BundleError naming every difference."""
-    expected = bridge.trainable_state_dict()
+def load_trainable(bridge: Bridge, state: dict[str, torch.Tensor], prefixes: tuple[str, ...] = (),
+                   source: str = "model.safetensors") -> None:
+    """Strict: the same key set with the same shapes, or a BundleError naming every difference.
+
+    With ``prefixes``, only the trainable keys under them are expected (and all of ``state`` must be under
+    them): a stage-1 run's ``ln_vision`` and ``qformer`` inside a stage-2 bridge. The one loader of
+    trainable state, for bundles, training checkpoints, stage-1 runs and quality scoring alike.
+    """
+    expected = {k: v for k, v in bridge.trainable_state_dict().items() if not prefixes or k.startswith(prefixes)}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     wrong = sorted(
@@ -218,7 +224,7 @@ def load_trainable(bridge: Bridge, state: dict[str, torch.Tensor]) -> None:
             parts.append(f"unexpected keys {extra[:10]}{' ...' if len(extra) > 10 else ''}")
         if wrong:
             parts.append(f"wrong shapes {wrong[:10]}")
-        raise BundleError("model.safetensors does not match the bundle config: " + "; ".join(parts))
+        raise BundleError(f"{source} does not match the model's config: " + "; ".join(parts))
     with torch.no_grad():
         for k, v in bridge.state_dict(keep_vars=True).items():
             if k in state:

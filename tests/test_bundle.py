@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -168,3 +169,27 @@ def test_quality_levels_are_named_once_in_the_config():
     cfg = tiny_bridge(num_quality_levels=3)[0].cfg.replace(quality_names=("low", "mid"))
     assert [cfg.quality_name(i) for i in range(3)] == ["low", "mid", "2"]  # unnamed levels go by number
     assert cfg.quality_level("mid") == 1 and cfg.quality_level("2") == 2
+
+
+def test_one_strict_loader_for_trainable_state_with_a_prefix_filter():
+    from qformer.bundle import load_trainable
+
+    src, dst = tiny_bridge(seed=1)[0], tiny_bridge(seed=2)[0]
+    stage1 = {k: v for k, v in src.trainable_state_dict().items() if k.startswith(("ln_vision", "qformer"))}
+    assert stage1 and len(stage1) < len(src.trainable_state_dict())
+    load_trainable(dst, stage1, ("ln_vision", "qformer"))
+    got = dst.trainable_state_dict()
+    assert all(torch.equal(got[k], v) for k, v in stage1.items())
+    assert not torch.equal(got["language_projection.weight"], src.trainable_state_dict()["language_projection.weight"])
+
+    dropped = dict(stage1)
+    gone = sorted(dropped)[0]
+    del dropped[gone]
+    with pytest.raises(BundleError, match=re.escape(gone)) as err:
+        load_trainable(dst, dropped, ("ln_vision", "qformer"), source="run/stage1.safetensors")
+    assert "run/stage1.safetensors" in str(err.value) and "missing" in str(err.value)
+    with pytest.raises(BundleError, match="unexpected keys.*language_projection"):
+        load_trainable(dst, {**stage1, "language_projection.weight": got["language_projection.weight"]},
+                       ("ln_vision", "qformer"))
+    with pytest.raises(BundleError, match="missing keys"):  # without the filter, all trainable keys are due
+        load_trainable(dst, stage1)

@@ -16,6 +16,8 @@ from qformer.prompts import preset
 from training.config import TrainConfig
 
 DEC_TOKEN = "[DEC]"
+# What stage 1 trains and writes (training.train); the LLM-side parts come with stage 2.
+STAGE1_PARTS = ("ln_vision", "qformer")
 
 
 @dataclass

@@ -59,24 +59,16 @@ def quantile_levels(scores: list[float], levels: int) -> tuple[list[int], list[f
     return lv.tolist(), edges.tolist()
 
 
-# What stage 1 trains and writes (training.train): the LLM-side parts come with stage 2.
-STAGE1_PARTS = ("ln_vision", "qformer")
-
-
 def load_stage1(cfg: TrainConfig, stage1_dir: str):
     """The stage-1 bridge (no LLM) with its trained weights; every trained key must be there."""
     from safetensors.torch import load_file
 
-    from training.parts import build_parts
+    from qformer.bundle import load_trainable
+    from training.parts import STAGE1_PARTS, build_parts
 
     parts = build_parts(cfg, with_llm=False)
-    state = load_file(Path(stage1_dir) / "final" / "stage1.safetensors")
-    own = {k: v for k, v in parts.bridge.trainable_state_dict().items() if k.startswith(STAGE1_PARTS)}
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    if missing or unexpected:
-        raise ValueError(f"{stage1_dir}: stage-1 weights do not fit this config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    parts.bridge.load_state_dict(state, strict=False)
+    weights = Path(stage1_dir) / "final" / "stage1.safetensors"
+    load_trainable(parts.bridge, load_file(weights), STAGE1_PARTS, source=str(weights))
     return parts
 
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from qformer.boxes import BoxCodec
 from qformer.bridge import Bridge
-from qformer.bundle import save_bundle, weights_sha256
+from qformer.bundle import load_trainable, save_bundle, weights_sha256
 from qformer.config import ComponentRef
 from qformer.prompts import TaskPrompts
 from qformer.qformer import AttentionMode
@@ -44,7 +44,7 @@ from training.data import (
     detection_target,
     vqa_examples,
 )
-from training.parts import DEC_TOKEN, Parts, build_parts
+from training.parts import DEC_TOKEN, STAGE1_PARTS, Parts, build_parts
 from training.losses import gather_with_grad, itc_loss, itg_loss, itm_loss, lm_labels, lm_loss, sample_hard_negatives
 
 class Stage1(nn.Module):
@@ -102,7 +102,7 @@ class Stage2(nn.Module):
         return lm_loss(self.bridge(feats, ids, mask, quality).logits, labels)
 
 
-STAGE1_TRAINABLE = ["ln_vision", "qformer"]
+STAGE1_TRAINABLE = list(STAGE1_PARTS)
 # BLIP-2 stage 2 drops the text branch; here it stays (for retrieval and quality scoring) but frozen.
 STAGE2_TRAINABLE = ["ln_vision", "qformer.query_tokens", "qformer.layernorm", "qformer.encoder",
                     "language_projection", "quality_prompts", "loc_embeddings", "loc_head"]
@@ -238,14 +238,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
     parts = build_parts(cfg, with_llm=stage2)
     bridge = parts.bridge
     if stage2 and cfg.model.init_from:
-        init, _ = load_stage1(cfg.model.init_from)
-        missing = [k for k in bridge.trainable_state_dict() if k.startswith(("ln_vision", "qformer")) and k not in init]
-        if missing:
-            raise ValueError(f"{cfg.model.init_from} lacks {missing[:5]}: not a stage-1 run of this architecture")
-        with torch.no_grad():
-            for k, v in bridge.state_dict(keep_vars=True).items():
-                if k in init and k.startswith(("ln_vision", "qformer")):
-                    v.copy_(init[k])
+        init, final = load_stage1(cfg.model.init_from)
+        load_trainable(bridge, init, STAGE1_PARTS, source=f"{final / 'stage1.safetensors'} (not a stage-1 run of "
+                                                          "this architecture?)")
     named = freeze_all_but(bridge, STAGE2_TRAINABLE if stage2 else STAGE1_TRAINABLE)
     n_train = sum(p.numel() for _, p in named)
     if accelerator.is_main_process:
@@ -259,10 +254,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         state, meta = load_checkpoint(ckpt, optimizer)
-        with torch.no_grad():
-            for k, v in bridge.state_dict(keep_vars=True).items():
-                if k in state:
-                    v.copy_(state[k])
+        load_trainable(bridge, state, source=str(ckpt))
         start = meta["step"]
         if accelerator.is_main_process:
             print(f"[{cfg.stage}] resuming from {ckpt} at step {start}")
