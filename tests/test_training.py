@@ -193,3 +193,16 @@ def test_grad_accum_logs_the_mean_of_its_micro_batches(world, tmp_path):
     a, b = losses(tmp_path / "plain"), losses(tmp_path / "accum")
     for k in ("itc_loss", "itm_loss", "itg_loss"):
         assert b[0][k] == pytest.approx((a[0][k] + a[1][k]) / 2, rel=1e-5), k
+
+
+def test_training_on_webdataset_shards_logs_what_the_json_files_give(world, tmp_path):
+    """The same examples in the same order from shards as from the JSON files: the same losses."""
+    runs = {}
+    for name, extra in (("json", {}), ("shards", {"data.shards": "shards/{split}-*.tar"})):
+        cfg = load_config(CONFIG_DIR / "tiny_stage1.json",
+                          overrides(world, tmp_path / name, **{"run.steps": 3, "run.log_every": 1, **extra}))
+        train(cfg, progress=False)
+        runs[name] = losses(tmp_path / name)
+    assert len(runs["shards"]) == 3
+    for a, b in zip(runs["json"], runs["shards"]):
+        assert a["itc_loss"] == pytest.approx(b["itc_loss"], rel=1e-5)

@@ -38,6 +38,9 @@ class DataSection:
     answers: str = "annotations_vqa_{split}.json"  # VQAv2 annotations
     instances: str = "instances_{split}.json"  # COCO instances, for detection sequences
     images: str = "images/{split}"
+    # WebDataset tar shards under root (a glob or {000000..000009} braces, with {split}), read instead of
+    # the JSON files when set: e.g. "shards/{split}-*.tar" (what `qbridge data shapes` writes)
+    shards: str = ""
     tasks: dict = field(default_factory=lambda: {"caption": 1.0})  # stage 2 task mixture weights
     max_text_tokens: int = 64
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from qformer.boxes import BoxCodec, Detection, reading_order_key
 from qformer.prompts import TaskPrompts
 from training.config import DataSection
-from training.datasets import load_rgb
+from training.datasets import IMAGE_ERRORS, IMAGE_EXTS, KEY_EXT, expand_shards, load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,74 @@ def _fmt(template: str, split: str) -> str:
     return template.format(split=split)
 
 
+# An image inside a tar shard, as an Example's path: "<shard>::<member name>" (load_image reads it).
+SHARD_MEMBER = "::"
+
+
+def load_image(path: str):
+    """An RGB image from a file, or from a tar shard member (``shard.tar::key.png``)."""
+    if SHARD_MEMBER not in path:
+        return load_rgb(path)
+    shard, member = path.split(SHARD_MEMBER, 1)
+    with tarfile.open(shard, "r:*") as tar:
+        try:
+            f = tar.extractfile(member)
+        except KeyError:
+            f = None
+        if f is None:
+            raise OSError(f"no image {member} in {shard}")
+        return load_rgb(f.read())
+
+
+def shard_samples(data: DataSection) -> list[dict]:
+    """The samples of ``data.shards`` (WebDataset layout: members grouped by key), without decoding images:
+    ``{"image_id", "path", "meta"}``, where ``path`` points at the image member and ``meta`` is the
+    sample's ``json`` (a ``txt`` member becomes ``meta["caption"]``). Sample metadata read here:
+    ``caption`` or ``captions`` (strings or ``{"caption", "quality"}``), ``questions``
+    (``{"question", "answer"}``), ``objects`` (``{"label", "box": [x1, y1, x2, y2]}``) with ``width`` and
+    ``height``, and ``image_id`` (else the key when it is a number, else the sample's index). An unreadable
+    shard is skipped from where it fails, with a warning; an unreadable image is skipped when it is read
+    (:class:`VisionFeatures`)."""
+    samples = []
+    for shard in expand_shards(str(Path(data.root) / _fmt(data.shards, data.split))):
+        groups: dict[str, dict[str, bytes | str]] = {}
+        try:
+            with tarfile.open(shard, "r:*") as tar:
+                for info in tar:
+                    m = KEY_EXT.match(info.name)
+                    if not info.isfile() or m is None:
+                        continue
+                    key, ext = m.group(1), m.group(2).lower()
+                    if ext.rsplit(".", 1)[-1] in IMAGE_EXTS:
+                        groups.setdefault(key, {}).setdefault("image", info.name)
+                    elif ext in ("json", "txt"):
+                        groups.setdefault(key, {})[ext] = tar.extractfile(info).read()
+        except (OSError, tarfile.TarError) as exc:
+            logger.warning("skipping unreadable shard %s from where it fails (%s: %s)", shard, type(exc).__name__, exc)
+        for key, g in groups.items():
+            if "image" not in g:
+                continue
+            meta = json.loads(g["json"]) if "json" in g else {}
+            if "txt" in g:
+                meta.setdefault("caption", g["txt"].decode("utf-8").strip())
+            name = Path(key).name
+            image_id = meta.get("image_id", int(name) if name.isdigit() else len(samples))
+            samples.append({"image_id": image_id, "path": f"{shard}{SHARD_MEMBER}{g['image']}", "meta": meta})
+    if not samples:
+        raise FileNotFoundError(f"no samples in shards {Path(data.root) / _fmt(data.shards, data.split)}")
+    return samples
+
+
+def _shard_captions(meta: dict) -> list[tuple[str, int | None]]:
+    caps = meta.get("captions") or ([meta["caption"]] if "caption" in meta else [])
+    return [(c, None) if isinstance(c, str) else (c["caption"], c.get("quality")) for c in caps]
+
+
 def caption_examples(data: DataSection, prompts: TaskPrompts, root: Path | None = None) -> list[Example]:
     """`prompts` are the bridge config's (`BridgeConfig.prompts`): the bundle asks what it was trained on."""
+    if data.shards:
+        return [Example(s["image_id"], s["path"], prompts.caption_prompt(), c, q)
+                for s in shard_samples(data) for c, q in _shard_captions(s["meta"])]
     root = Path(root or data.root)
     d = _read(root / _fmt(data.captions, data.split))
     files = {im["id"]: im["file_name"] for im in d["images"]}
@@ -59,6 +126,9 @@ def caption_examples(data: DataSection, prompts: TaskPrompts, root: Path | None 
 
 
 def vqa_examples(data: DataSection, prompts: TaskPrompts) -> list[Example]:
+    if data.shards:
+        return [Example(s["image_id"], s["path"], prompts.vqa_prompt(q["question"]), q["answer"])
+                for s in shard_samples(data) for q in s["meta"].get("questions", ())]
     root = Path(data.root)
     files = {im["id"]: im["file_name"] for im in _read(root / _fmt(data.captions, data.split))["images"]}
     answers = {a["question_id"]: a["multiple_choice_answer"] for a in _read(root / _fmt(data.answers, data.split))["annotations"]}
@@ -72,6 +142,11 @@ def vqa_examples(data: DataSection, prompts: TaskPrompts) -> list[Example]:
 
 
 def detection_examples(data: DataSection, prompts: TaskPrompts) -> list[Example]:
+    if data.shards:
+        return [Example(s["image_id"], s["path"], prompts.detect_prompt(), "", None,
+                        tuple((o["label"], tuple(o["box"])) for o in s["meta"]["objects"]),
+                        (s["meta"]["width"], s["meta"]["height"]))
+                for s in shard_samples(data) if "objects" in s["meta"]]
     root = Path(data.root)
     d = _read(root / _fmt(data.instances, data.split))
     names = {c["id"]: c["name"] for c in d["categories"]}
@@ -129,9 +204,9 @@ class VisionFeatures:
             if e.path in self.skipped:
                 continue
             try:
-                images.append(load_rgb(e.path))
+                images.append(load_image(e.path))
                 kept.append(e)
-            except (OSError, ValueError, SyntaxError) as exc:
+            except IMAGE_ERRORS as exc:
                 self.skipped.add(e.path)
                 logger.warning("skipping unreadable image %s (%s)", e.path, type(exc).__name__)
         if not images:
