@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from qformer.prompts import DEFAULT_PROMPTS
+from tests.tiny import pixel_processor
 from training.config import DataSection
 from training.data import VisionFeatures, caption_examples, detection_examples, load_image, vqa_examples
 from training.datasets import load_rgb
@@ -39,7 +40,7 @@ def test_a_shard_image_decodes_to_the_file_image_and_a_missing_member_is_skipped
     e = examples[0]
     assert np.array_equal(np.asarray(load_image(e.path)), np.asarray(load_rgb(files[e.image_id])))
     broken = replace(e, path=e.path.split("::")[0] + "::nothing.png")
-    source = VisionFeatures(lambda px: px.flatten(2).transpose(1, 2), _Processor())
+    source = VisionFeatures(lambda px: px.flatten(2).transpose(1, 2), pixel_processor)
     feats, kept = source([e, broken])
     assert kept == [e] and feats.shape[0] == 1 and source.skipped == {broken.path}
 
@@ -48,11 +49,3 @@ def test_an_empty_shard_pattern_is_a_clear_error(root):
     with pytest.raises(FileNotFoundError, match="no samples in shards"):
         caption_examples(DataSection(root=str(root), split="train", shards="shards/none-*.tar"), DEFAULT_PROMPTS)
 
-
-class _Processor:
-    def __call__(self, images, return_tensors):
-        import torch
-
-        class Out:
-            pixel_values = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() for im in images])
-        return Out()

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from qformer.prompts import DEFAULT_PROMPTS
+from tests.tiny import pixel_processor
 from training.config import DataSection
 from training.data import VisionFeatures, caption_examples
 from training.datasets import IMAGE_ERRORS, expand_shards, load_rgb
@@ -60,14 +61,7 @@ def test_shards_with_bad_images_missing_shards_and_txt_captions(tmp_path, caplog
         examples = caption_examples(data, DEFAULT_PROMPTS)
     assert [(e.image_id, e.target) for e in examples] == [(1, "a blue thing"), (2, "truncated")]
     assert "a-000001.tar" in caplog.text
-    source = VisionFeatures(lambda px: px.flatten(2).transpose(1, 2), _processor)
+    source = VisionFeatures(lambda px: px.flatten(2).transpose(1, 2), pixel_processor)
     feats, kept = source(examples)
     assert [e.image_id for e in kept] == [1] and feats.shape[0] == 1 and len(source.skipped) == 1
 
-
-def _processor(images, return_tensors):
-    import torch
-
-    class Out:
-        pixel_values = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() for im in images])
-    return Out()

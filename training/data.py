@@ -6,6 +6,7 @@ uninterrupted run would have drawn, without replaying the data stream.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -64,7 +65,7 @@ def load_image(path: str):
         return load_rgb(f.read())
 
 
-def shard_samples(data: DataSection) -> list[dict]:
+def shard_samples(data: DataSection) -> tuple[dict, ...]:
     """The samples of ``data.shards`` (WebDataset layout: members grouped by key), without decoding images:
     ``{"image_id", "path", "meta"}``, where ``path`` points at the image member and ``meta`` is the
     sample's ``json`` (a ``txt`` member becomes ``meta["caption"]``). Sample metadata read here:
@@ -72,9 +73,14 @@ def shard_samples(data: DataSection) -> list[dict]:
     (``{"question", "answer"}``), ``objects`` (``{"label", "box": [x1, y1, x2, y2]}``) with ``width`` and
     ``height``, and ``image_id`` (else the key when it is a number, else the sample's index). An unreadable
     shard is skipped from where it fails, with a warning; an unreadable image is skipped when it is read
-    (:class:`VisionFeatures`)."""
+    (:class:`VisionFeatures`). Read once per pattern: the caption, VQA and detection builders share it."""
+    return _read_shards(str(Path(data.root) / _fmt(data.shards, data.split)))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_shards(pattern: str) -> tuple[dict, ...]:
     samples = []
-    for shard in expand_shards(str(Path(data.root) / _fmt(data.shards, data.split))):
+    for shard in expand_shards(pattern):
         groups: dict[str, dict[str, bytes | str]] = {}
         try:
             with tarfile.open(shard, "r:*") as tar:
@@ -99,8 +105,8 @@ def shard_samples(data: DataSection) -> list[dict]:
             image_id = meta.get("image_id", int(name) if name.isdigit() else len(samples))
             samples.append({"image_id": image_id, "path": f"{shard}{SHARD_MEMBER}{g['image']}", "meta": meta})
     if not samples:
-        raise FileNotFoundError(f"no samples in shards {Path(data.root) / _fmt(data.shards, data.split)}")
-    return samples
+        raise FileNotFoundError(f"no samples in shards {pattern}")
+    return tuple(samples)
 
 
 def _shard_captions(meta: dict) -> list[tuple[str, int | None]]:
