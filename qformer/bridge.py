@@ -7,6 +7,7 @@ the rest of the LLM stays frozen.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,27 @@ class BridgeOutput:
     logits: torch.Tensor  # (B, T, V): LLM logits at the text positions (position t predicts token t + 1)
 
 
+class Alignment(nn.Module):
+    """Stage 1's ln_vision + Q-Former (text branch included), frozen: the bridge's ITC/ITM side when its own
+    Q-Former was trained on in stage 2 (``BridgeConfig.alignment_qformer``). BLIP-2 serves retrieval from
+    its stage-1 checkpoint for the same reason."""
+
+    def __init__(self, cfg: BridgeConfig):
+        super().__init__()
+        self.ln_vision = nn.LayerNorm(cfg.vision_hidden_size, eps=cfg.vision_layer_norm_eps)
+        self.qformer = QFormer(dataclasses.replace(cfg.qformer, with_text=True))
+        self.requires_grad_(False)
+
+    def query_output(self, vision_feats: torch.Tensor) -> torch.Tensor:
+        return _query_output(self.ln_vision, self.qformer, vision_feats)
+
+
+def _query_output(ln_vision: nn.LayerNorm, qformer: QFormer, vision_feats: torch.Tensor) -> torch.Tensor:
+    """(B, N, Dv) frozen features -> Q-Former query states (B, Q, H)."""
+    image = ln_vision(vision_feats.to(ln_vision.weight.dtype))
+    return qformer(AttentionMode.QUERIES, image_embeds=image).query_output
+
+
 class Bridge(nn.Module):
     def __init__(self, cfg: BridgeConfig, vision: PreTrainedModel, llm: PreTrainedModel | None):
         super().__init__()
@@ -159,6 +181,7 @@ class Bridge(nn.Module):
         self.vision = strip_blip2_post_layernorm(vision)
         self.ln_vision = nn.LayerNorm(cfg.vision_hidden_size, eps=cfg.vision_layer_norm_eps)
         self.qformer = QFormer(cfg.qformer)
+        self.alignment = Alignment(cfg) if cfg.alignment_qformer else None
         self.language_projection = nn.Linear(cfg.qformer.hidden_size, cfg.llm_hidden_size)
         self.quality_prompts = (
             nn.Parameter(torch.randn(cfg.num_quality_levels, cfg.quality_prompt_len, cfg.llm_hidden_size) * 0.02)
@@ -190,13 +213,14 @@ class Bridge(nn.Module):
 
     def train(self, mode: bool = True) -> "Bridge":
         super().train(mode)
-        for frozen in (self.vision, self.llm):  # frozen parts stay in eval mode (no dropout)
+        for frozen in (self.vision, self.llm, self.alignment):  # frozen parts stay in eval mode (no dropout)
             if frozen is not None:
                 frozen.eval()
         return self
 
     # The trainable parts are what a bundle's model.safetensors holds.
-    TRAINABLE = ("ln_vision", "qformer", "language_projection", "quality_prompts", "loc_embeddings", "loc_head")
+    TRAINABLE = ("ln_vision", "qformer", "language_projection", "quality_prompts", "loc_embeddings", "loc_head",
+                 "alignment")
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {
@@ -214,8 +238,13 @@ class Bridge(nn.Module):
 
     def query_output(self, vision_feats: torch.Tensor) -> torch.Tensor:
         """(B, N, Dv) frozen features -> Q-Former query states (B, Q, H)."""
-        image = self.ln_vision(vision_feats.to(self.ln_vision.weight.dtype))
-        return self.qformer(AttentionMode.QUERIES, image_embeds=image).query_output
+        return _query_output(self.ln_vision, self.qformer, vision_feats)
+
+    @property
+    def aligner(self) -> "Alignment | Bridge":
+        """What ITC and ITM run through: ``.qformer`` (text branch included) and ``.query_output``. The
+        stage-1 copy when the bridge carries one, else the bridge itself."""
+        return self.alignment if self.alignment is not None else self
 
     def project_queries(self, vision_feats: torch.Tensor) -> torch.Tensor:
         """(B, N, Dv) -> soft LLM inputs (B, Q, D)."""

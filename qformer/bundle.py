@@ -115,7 +115,9 @@ def save_bundle(
         if llm_ref.source == "embedded":
             _save_llm(bridge, tmp / llm_ref.path)
         cfg = bridge.cfg.replace(vision=vision_ref, llm=llm_ref)
-        state = {k: v.detach().contiguous().cpu() for k, v in bridge.trainable_state_dict().items()}
+        # The frozen stage-1 copy (ITC/ITM only) is stored in fp16: half its bytes; it computes in fp32 once loaded.
+        state = {k: (v.half() if k.startswith("alignment.") and v.is_floating_point() else v).detach().contiguous().cpu()
+                 for k, v in bridge.trainable_state_dict().items()}
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "qbridge_format": str(FORMAT_VERSION)})
         tokenizer.save_pretrained(tmp / "tokenizer")
         image_processor.save_pretrained(tmp / "image_processor")

@@ -75,6 +75,10 @@ class BridgeConfig:
     base_vocab_size: int = 0  # LLM vocabulary before the location tokens were added
     image_token_index: int | None = None  # kept from a transformers BLIP-2 checkpoint for export
     llm_quantization: str | None = None  # None | "8bit" | "4bit" (bitsandbytes, for the frozen LLM)
+    # A second, frozen ln_vision + Q-Former with its text branch: stage 1's, kept as stage 1 left it, for ITC and
+    # ITM (retrieval, alignment scores), while the Q-Former that feeds the LLM (then without a text branch, as
+    # in BLIP-2's stage 2) is trained on. Without it, stage 2 moves the encoder layers the text branch shares.
+    alignment_qformer: bool = False
     # The words the LLM was trained to read for each task; bundles without them predate them and used these.
     prompts: TaskPrompts = DEFAULT_PROMPTS
 

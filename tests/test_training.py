@@ -88,6 +88,47 @@ def test_quality_then_stage2_writes_a_bundle(world, tmp_path):
     assert not torch.equal(bundle.bridge.trainable_state_dict()[k], s1_state[k])
 
 
+def test_stage2_keeps_the_stage1_qformer_for_alignment_when_asked(world, tmp_path):
+    """keep_alignment: stage 2 trains a Q-Former without a text branch; the bundle carries stage 1's, frozen,
+    and ITC runs through it, so the bundle retrieves as stage 1 did."""
+    from safetensors.torch import load_file
+
+    from qformer.bundle import load_bundle
+    from qformer.qformer import AttentionMode
+    from training.parts import build_parts
+
+    s1 = load_config(CONFIG_DIR / "tiny_stage1.json", overrides(world, tmp_path / "s1", **{"run.steps": 10}))
+    train(s1, progress=False)
+    cfg = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path / "s2", **{
+        "model.init_from": str(tmp_path / "s1"), "model.keep_alignment": "true", "run.steps": 6,
+        "model.num_quality_levels": 0, "data.captions": "captions_{split}.json"}))
+    train(cfg, progress=False)
+    bridge = load_bundle(tmp_path / "s2" / "bundle").bridge
+    assert bridge.cfg.alignment_qformer and not bridge.cfg.qformer.with_text
+    assert not any(k.startswith("qformer.embeddings") for k in bridge.trainable_state_dict())
+    s1_state = load_file(tmp_path / "s1" / "final" / "stage1.safetensors")
+    state = bridge.trainable_state_dict()
+    assert {k[len("alignment."):] for k in state if k.startswith("alignment.")} == set(s1_state)
+    k = "qformer.encoder.layer.0.intermediate_query.dense.weight"
+    torch.testing.assert_close(state[f"alignment.{k}"], s1_state[k], atol=1e-3, rtol=1e-3)  # stored in fp16
+    assert not torch.equal(state[k], s1_state[k])  # the LLM's Q-Former trained on
+
+    stage1 = build_parts(s1, with_llm=False).bridge.eval()
+    stage1.load_state_dict(s1_state, strict=False)
+    feats = torch.randn(3, 16, bridge.cfg.vision_hidden_size)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        for b in (stage1, bridge):
+            b.eval()
+        want = stage1.qformer.image_features(stage1.query_output(feats))
+        got = bridge.aligner.qformer.image_features(bridge.aligner.query_output(feats))
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+        text = lambda b: b.qformer.text_features(b.qformer(AttentionMode.TEXT, input_ids=ids).text_output)  # noqa: E731
+        torch.testing.assert_close(text(bridge.aligner), text(stage1), atol=2e-2, rtol=2e-2)
+        drifted = bridge.qformer(AttentionMode.QUERIES, image_embeds=bridge.ln_vision(feats)).query_output
+        assert not torch.allclose(drifted, bridge.aligner.query_output(feats), atol=1e-3)
+
+
 def test_stage2_trains_on_the_prompts_its_bridge_config_carries(world, tmp_path):
     from qformer.prompts import PRESETS
     from training.parts import build_parts

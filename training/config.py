@@ -21,6 +21,9 @@ class ModelSection:
     qformer: dict = field(default_factory=dict)  # QFormerConfig fields; encoder_hidden_size comes from the tower
     qformer_tokenizer: str = ""  # text tokenizer of the Q-Former; defaults to the LLM's (a [DEC] token is added)
     init_from: str = ""  # stage 2: a stage-1 run directory whose ln_vision + Q-Former start this stage
+    # stage 2: keep init_from's ln_vision + Q-Former, frozen, in the bundle for ITC/ITM (retrieval, alignment
+    # scores); the Q-Former trained here then drops its text branch (BridgeConfig.alignment_qformer)
+    keep_alignment: bool = False
     num_quality_levels: int = 0
     quality_prompt_len: int = 4
     quality_names: list = field(default_factory=list)

@@ -339,7 +339,8 @@ def evaluate_bundle(
     else:
         caption_levels = [cfg.quality_level(lv) for lv in levels]
     run_detection = cfg.num_loc_bins > 0 and instances is not None
-    run_retrieval = cfg.qformer.with_text and bundle.qformer_tokenizer is not None
+    has_text = bridge.aligner.qformer.cfg.with_text
+    run_retrieval = has_text and bundle.qformer_tokenizer is not None
 
     def n_batches(count: int) -> int:
         return math.ceil(count / batch_size)
@@ -450,7 +451,7 @@ def evaluate_bundle(
         results["retrieval"] = retrieval_figures(bridge, bundle.qformer_tokenizer, feats, image_ids, caption_anns,
                                                  batch_size, device)
     else:
-        why = "the Q-Former has no text branch" if not cfg.qformer.with_text else "the bundle has no qformer_tokenizer"
+        why = "the Q-Former has no text branch" if not has_text else "the bundle has no qformer_tokenizer"
         results["retrieval"] = {"skipped": why}
     bar.close()
     results["seconds"] = round(time.perf_counter() - start, 3)
@@ -469,18 +470,19 @@ def retrieval_figures(bridge, qformer_tokenizer, feats: torch.Tensor, image_ids:
     texts = [a["caption"] for a in anns]
     owner = [row_of[a["image_id"]] for a in anns]
 
+    aligner = bridge.aligner  # the stage-1 copy when the bundle carries one
     image_feats = torch.cat([
-        bridge.qformer.image_features(bridge.query_output(feats[b : b + batch_size].to(device))).float().cpu()
+        aligner.qformer.image_features(aligner.query_output(feats[b : b + batch_size].to(device))).float().cpu()
         for b in range(0, len(feats), batch_size)
     ])  # (n_images, Q, E)
     text_feats = []
     for b in range(0, len(texts), batch_size):
         enc = qformer_tokenizer(texts[b : b + batch_size], padding=True, truncation=True,
                                        max_length=RETRIEVAL_MAX_LENGTH, return_tensors="pt")  # its own padding side, as trained
-        out = bridge.qformer(AttentionMode.TEXT, input_ids=enc.input_ids.to(device),
-                             attention_mask=enc.attention_mask.to(device))
-        text_feats.append(bridge.qformer.text_features(out.text_output).float().cpu())  # (b, E)
-    sim = bridge.qformer.similarity(image_feats, torch.cat(text_feats))  # (n_images, n_texts)
+        out = aligner.qformer(AttentionMode.TEXT, input_ids=enc.input_ids.to(device),
+                              attention_mask=enc.attention_mask.to(device))
+        text_feats.append(aligner.qformer.text_features(out.text_output).float().cpu())  # (b, E)
+    sim = aligner.qformer.similarity(image_feats, torch.cat(text_feats))  # (n_images, n_texts)
     return {**retrieval_recall(sim, owner), "n_texts": len(texts)}
 
 

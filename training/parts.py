@@ -50,9 +50,10 @@ def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
                 raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the LLM {base_vocab}; location ids would clash")
             tokenizer.add_tokens(BoxCodec(m.num_loc_bins).tokens())
     llm_hidden = AutoConfig.from_pretrained(m.llm).get_text_config().hidden_size if m.llm else 0
+    alignment = with_llm and m.keep_alignment  # the stage-1 copy does ITC/ITM; the trained Q-Former needs no text
     qcfg = QFormerConfig(
         **{**m.qformer, "encoder_hidden_size": vision_hidden_size(vision), "vocab_size": len(qtok),
-           "pad_token_id": qtok.pad_token_id}
+           "pad_token_id": qtok.pad_token_id, **({"with_text": False} if alignment else {})}
     )
     bcfg = BridgeConfig(
         qformer=qcfg,
@@ -64,6 +65,7 @@ def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
         num_loc_bins=m.num_loc_bins if llm is not None else 0,
         base_vocab_size=base_vocab,
         prompts=preset(m.prompts),
+        alignment_qformer=alignment,
     )
     bridge = Bridge(bcfg, vision, llm)
     if llm is not None:

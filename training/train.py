@@ -238,9 +238,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
     parts = build_parts(cfg, with_llm=stage2)
     bridge = parts.bridge
     if stage2 and cfg.model.init_from:
-        init, final = load_stage1(cfg.model.init_from)
-        load_trainable(bridge, init, STAGE1_PARTS, source=f"{final / 'stage1.safetensors'} (not a stage-1 run of "
-                                                          "this architecture?)")
+        init_stage2(bridge, cfg.model.init_from)
     named = freeze_all_but(bridge, STAGE2_TRAINABLE if stage2 else STAGE1_TRAINABLE)
     n_train = sum(p.numel() for _, p in named)
     if accelerator.is_main_process:
@@ -389,7 +387,7 @@ def _finish(cfg: TrainConfig, parts: Parts, out: Path) -> None:
 
         final.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in parts.bridge.trainable_state_dict().items()
-                 if k.startswith(("ln_vision", "qformer"))}
+                 if k.startswith(STAGE1_PARTS)}
         save_file(state, final / "stage1.safetensors")
         parts.qformer_tokenizer.save_pretrained(final / "qformer_tokenizer")
         (final / "bridge_config.json").write_text(json.dumps(parts.bridge.cfg.to_dict(), indent=2))
@@ -409,6 +407,20 @@ def load_stage1(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
 
     final = Path(run_dir) / "final"
     return load_file(final / "stage1.safetensors"), final
+
+
+def init_stage2(bridge: Bridge, run_dir: str | Path) -> None:
+    """Start stage 2 from a stage-1 run: its ln_vision + Q-Former, strictly. With a stage-1 copy
+    (``BridgeConfig.alignment_qformer``) the whole of stage 1 goes into ``bridge.alignment`` and its query
+    path into the Q-Former that stage 2 trains (which has no text branch to receive the rest)."""
+    init, final = load_stage1(run_dir)
+    source = f"{final / 'stage1.safetensors'} (not a stage-1 run of this architecture?)"
+    if bridge.alignment is None:
+        load_trainable(bridge, init, STAGE1_PARTS, source=source)
+        return
+    load_trainable(bridge, {f"alignment.{k}": v for k, v in init.items()}, ("alignment.",), source=source)
+    query_path = set(k for k in bridge.trainable_state_dict() if k.startswith(STAGE1_PARTS))
+    load_trainable(bridge, {k: v for k, v in init.items() if k in query_path}, STAGE1_PARTS, source=source)
 
 
 def main(argv: list[str] | None = None) -> int:
