@@ -18,10 +18,16 @@ from training.evaluate import (
     caption_scores,
     caption_tokens,
     detection_map,
+    encode_split_images,
     evaluate_bundle,
+    evaluate_captions,
+    evaluate_detection,
+    evaluate_vqa,
+    load_split,
     main,
     normalize_answer,
     report_markdown,
+    retrieval_figures,
     retrieval_recall,
     scene_caption_scores,
     vqa_accuracy,
@@ -207,6 +213,25 @@ def test_evaluate_bundle_reports_every_section_in_range(world, results):
     json.dumps(results)  # serialisable as it is
     md = report_markdown(results)
     assert "BLEU-4" in md and "mAP@0.5" in md and "R@1" in md and "| q1 |" in md
+
+
+def test_per_task_functions_give_evaluate_bundles_sections(world, results):
+    """Called directly on the same split, features and batch size, each task function returns exactly
+    the section evaluate_bundle reports."""
+    root, bundle = world
+    data = load_split(root / "data", "test")
+    assert data.image_ids == sorted(data.image_ids) and len(data.image_ids) == results["n_images"]
+    feats = encode_split_images(bundle, root / "data", "test", data.images, batch_size=2)
+    ids = data.image_ids
+    assert evaluate_captions(bundle, feats, ids, data.caption_anns, scenes=data.scenes, batch_size=2) \
+        == results["captions"]
+    assert evaluate_vqa(bundle, feats, ids, data.questions, data.vqa_annotations, batch_size=2) == results["vqa"]
+    assert evaluate_detection(bundle, feats, data.images, data.instances, batch_size=2) == results["detection"]
+    assert retrieval_figures(bundle.bridge, bundle.qformer_tokenizer, feats, ids, data.caption_anns, 2) \
+        == results["retrieval"]
+    # one level on its own is that level's entry
+    assert evaluate_captions(bundle, feats, ids, data.caption_anns, ["q1"], data.scenes, 2) \
+        == {"q1": results["captions"]["q1"]}
 
 
 def test_bundle_without_levels_locations_or_text_branch_skips_sections(world, tmp_path):

@@ -14,9 +14,12 @@ the same standard files works too)::
 
 Every metric is a pure function of predictions and references, usable without a model:
 :func:`caption_scores`, :func:`vqa_accuracy`, :func:`detection_map`, :func:`retrieval_recall`,
-:func:`scene_caption_scores`. :func:`evaluate_bundle` runs the model and calls them;
-:func:`report_markdown` renders its result. All figures are fractions (CIDEr in its own units,
-where 1.0 is a good score); the printed tables show them x100, as papers do.
+:func:`scene_caption_scores`. :func:`evaluate_bundle` runs the model on a split and calls them:
+it reads the split (:func:`load_split`), encodes its images once (:func:`encode_split_images`), and
+runs one function per task on those frozen features, each returning its section of the result:
+:func:`evaluate_captions` (per quality level), :func:`evaluate_vqa`, :func:`evaluate_detection` and
+:func:`retrieval_figures`. :func:`report_markdown` renders the result. All figures are fractions
+(CIDEr in its own units, where 1.0 is a good score); the printed tables show them x100, as papers do.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -290,6 +294,203 @@ def task_quality(cfg) -> int | None:
     return None
 
 
+def caption_levels(cfg, levels: Sequence[int | str] | None = None) -> list[int | None]:
+    """Quality levels to caption at: ``levels`` (names or numbers) resolved, or every level of the
+    model; ``[None]`` (once without a level) for a model without levels."""
+    if levels is None:
+        return list(range(cfg.num_quality_levels)) or [None]
+    return [cfg.quality_level(lv) for lv in levels]
+
+
+@dataclass
+class EvalSplit:
+    """What :func:`evaluate_bundle` evaluates on: the first ``n`` images (by id) of a split, and the
+    annotations of those images the data directory has (``None`` / ``[]`` where a file is missing)."""
+
+    images: list[dict]  # COCO image records, by id
+    caption_anns: list[dict]  # clean caption annotations of these images
+    questions: list[dict]  # VQA questions of these images, by question id; [] without both VQA files
+    vqa_annotations: list[dict] | None  # the split's VQA annotations, read when there are questions
+    instances: dict | None  # COCO instances JSON
+    scenes: dict[int, Scene] | None  # shapes-world scenes of these images
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [im["id"] for im in self.images]
+
+
+def load_split(data_dir: str | Path, split: str = "test", n: int | None = None) -> EvalSplit:
+    """Read the first ``n`` images (by id; default all) of ``split`` and their annotations (layout: see
+    the module docstring). Raises ``ValueError`` when that leaves no image."""
+    data_dir = Path(data_dir)
+    captions_json = _read_json(data_dir / f"captions_{split}.json")
+    images = sorted(captions_json["images"], key=lambda im: im["id"])[: n if n is not None else None]
+    if not images:
+        raise ValueError(f"no images in {data_dir / f'captions_{split}.json'}" + (f" (n={n})" if n is not None else ""))
+    wanted = {im["id"] for im in images}
+    caption_anns = [a for a in captions_json["annotations"] if a["image_id"] in wanted and _is_clean(a)]
+
+    files = {k: data_dir / f"{k}_{split}.json" for k in ("questions", "annotations_vqa", "instances", "scenes")}
+    questions, vqa_annotations = [], None
+    if files["questions"].is_file() and files["annotations_vqa"].is_file():
+        questions = sorted((q for q in _read_json(files["questions"])["questions"] if q["image_id"] in wanted),
+                           key=lambda q: q["question_id"])
+        if questions:
+            vqa_annotations = _read_json(files["annotations_vqa"])["annotations"]
+    instances = _read_json(files["instances"]) if files["instances"].is_file() else None
+    scenes = None
+    if files["scenes"].is_file():
+        scenes = {s["id"]: Scene.from_dict(s) for s in _read_json(files["scenes"])["scenes"] if s["id"] in wanted}
+    return EvalSplit(images, caption_anns, questions, vqa_annotations, instances, scenes)
+
+
+def _device(bundle):
+    return next(bundle.bridge.parameters()).device
+
+
+def _step(bar, description: str | None = None) -> None:
+    """Advance the progress bar (``None``: none) one batch, or set its description."""
+    if bar is None:
+        return
+    if description is None:
+        bar.update()
+    else:
+        bar.set_description(description)
+
+
+@torch.no_grad()
+def encode_split_images(bundle, data_dir: str | Path, split: str, images: Sequence[Mapping], batch_size: int = 16,
+                        device=None, bar=None) -> torch.Tensor:
+    """The frozen features ``(n_images, N, Dv)`` of ``images`` (COCO records; files under
+    ``images/<split>/``), in that order, on the CPU; one ``bar`` step per batch."""
+    bridge, device = bundle.bridge.eval(), _device(bundle) if device is None else device
+    feats = []
+    for batch in _batches(images, batch_size):
+        pil = [load_rgb(Path(data_dir) / "images" / split / im["file_name"]) for im in batch]
+        pixels = bundle.image_processor(images=pil, return_tensors="pt").pixel_values.to(device)
+        feats.append(bridge.encode_images(pixels).cpu())
+        _step(bar)
+    return torch.cat(feats)
+
+
+def _generate_rows(bundle, feats: torch.Tensor, rows: list[int], prompts: list[str], quality: int | None,
+                   max_new_tokens: int, batch_size: int, device, bar) -> list:
+    """Greedy generation for rows of ``feats`` and their prompts, in batches (one ``bar`` step each)."""
+    out = []
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    for b in range(0, len(rows), batch_size):
+        r, p = rows[b : b + batch_size], prompts[b : b + batch_size]
+        q = [quality] * len(r) if quality is not None else None
+        out += generate(bundle.bridge, bundle.tokenizer, feats[r].to(device), p, q, config)
+        _step(bar)
+    return out
+
+
+@torch.no_grad()
+def evaluate_captions(bundle, feats: torch.Tensor, image_ids: Sequence[int], caption_anns: Sequence[Mapping],
+                      levels: Sequence[int | str] | None = None, scenes: Mapping | None = None, batch_size: int = 16,
+                      device=None, bar=None) -> dict:
+    """Captions of every image, generated greedily at each of :func:`caption_levels`, scored against
+    ``caption_anns`` (and ``scenes``, image id -> scene, when given). ``feats``: the images' frozen
+    features, in ``image_ids`` order. Returns level name -> figures, mean length and three examples."""
+    bundle.bridge.eval()
+    cfg, device = bundle.config, _device(bundle) if device is None else device
+    references: dict[int, list[str]] = defaultdict(list)
+    for a in caption_anns:
+        references[a["image_id"]].append(a["caption"])
+    rows = list(range(len(image_ids)))
+    prompt = cfg.prompts.caption_prompt()  # the bundle's own: a model is scored in the words it was trained with
+    out = {}
+    for level in caption_levels(cfg, levels):
+        _step(bar, f"eval: captions {_level_name(cfg, level)}")
+        gens = _generate_rows(bundle, feats, rows, [prompt] * len(rows), level,
+                              CAPTION_MAX_NEW_TOKENS, batch_size, device, bar)
+        preds = {image_ids[i]: g.text for i, g in zip(rows, gens)}
+        scored = {k: v for k, v in preds.items() if references.get(k)}
+        entry = caption_scores(scored, references)
+        if scenes is not None:
+            entry.update(scene_caption_scores({k: v for k, v in preds.items() if k in scenes}, scenes))
+        entry["mean_words"] = sum(len(t.split()) for t in preds.values()) / len(preds)
+        entry["examples"] = {str(k): preds[k] for k in image_ids[:3]}
+        out[_level_name(cfg, level)] = entry
+    return out
+
+
+@torch.no_grad()
+def evaluate_vqa(bundle, feats: torch.Tensor, image_ids: Sequence[int], questions: Sequence[Mapping],
+                 annotations: Sequence[Mapping], batch_size: int = 16, device=None, bar=None) -> dict:
+    """VQAv2 accuracy of greedy answers to ``questions`` (about images of ``image_ids``, whose frozen
+    features ``feats`` holds in that order), overall and per question and answer type, at
+    :func:`task_quality`. ``annotations``: VQAv2 annotations covering the questions."""
+    if not questions:
+        return {"skipped": "no questions for these images"}
+    bundle.bridge.eval()
+    cfg, device = bundle.config, _device(bundle) if device is None else device
+    row_of = {image_id: i for i, image_id in enumerate(image_ids)}
+    _step(bar, "eval: vqa")
+    quality = task_quality(cfg)
+    asked = [cfg.prompts.vqa_prompt(q["question"]) for q in questions]
+    gens = _generate_rows(bundle, feats, [row_of[q["image_id"]] for q in questions], asked, quality,
+                          VQA_MAX_NEW_TOKENS, batch_size, device, bar)
+    preds = {q["question_id"]: g.text for q, g in zip(questions, gens)}
+    annotations = [a for a in annotations if a["question_id"] in preds]
+    scores = vqa_scores(preds, annotations)
+    groups: dict[str, dict[str, list[float]]] = {"question_type": defaultdict(list), "answer_type": defaultdict(list)}
+    for a in annotations:
+        for key, group in groups.items():
+            group[a.get(key, "unknown")].append(scores[a["question_id"]])
+    return {
+        "accuracy": sum(scores.values()) / len(scores),
+        "n_questions": len(scores),
+        "quality_level": _level_name(cfg, quality),
+        **{f"per_{key}": {t: sum(v) / len(v) for t, v in sorted(group.items())} for key, group in groups.items()},
+    }
+
+
+@torch.no_grad()
+def evaluate_detection(bundle, feats: torch.Tensor, images: Sequence[Mapping], instances: Mapping,
+                       batch_size: int = 16, device=None, bar=None) -> dict:
+    """Box mAP of the boxes parsed from greedy detection sequences of ``images`` (COCO records with
+    width and height; ``feats``: their frozen features, in that order) against ``instances`` (COCO
+    instances), at :func:`task_quality`; counts parsed boxes and those with an unknown label."""
+    cfg = bundle.config
+    if cfg.num_loc_bins == 0:
+        return {"skipped": "the model has no location tokens"}
+    bundle.bridge.eval()
+    device = _device(bundle) if device is None else device
+    image_ids = [im["id"] for im in images]
+    wanted = set(image_ids)
+    _step(bar, "eval: detect")
+    quality = task_quality(cfg)
+    per_image = defaultdict(int)
+    for a in instances["annotations"]:
+        if a["image_id"] in wanted:
+            per_image[a["image_id"]] += 1
+    max_new = DETECT_TOKENS_PER_OBJECT * (max(per_image.values(), default=0) + DETECT_SPARE_OBJECTS)
+    rows = list(range(len(images)))
+    gens = _generate_rows(bundle, feats, rows, [cfg.prompts.detect_prompt()] * len(rows), quality, max_new,
+                          batch_size, device, bar)
+    category = {" ".join(c["name"].lower().split()): c["id"] for c in instances["categories"]}
+    codec = BoxCodec(cfg.num_loc_bins)
+    dets, unknown = [], 0
+    for im, g in zip(images, gens):
+        # Boxes in the frame of the annotations: the JSON's width/height (the original image).
+        for d in codec.decode_tokens(g.tokens, g.logprobs, im["width"], im["height"]):
+            cat = category.get(d.label.lower())
+            if cat is None:
+                unknown += 1
+                continue
+            x1, y1, x2, y2 = d.box
+            dets.append({"image_id": im["id"], "category_id": cat, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                         "score": d.score})
+    return {
+        **detection_map(dets, instances, image_ids),
+        "n_detections": len(dets),
+        "unknown_labels": unknown,
+        "quality_level": _level_name(cfg, quality),
+    }
+
+
 @torch.no_grad()
 def evaluate_bundle(
     bundle,
@@ -302,154 +503,53 @@ def evaluate_bundle(
 ) -> dict:
     """Run ``bundle`` on the first ``n`` images (by id) of ``split`` and score every task it has.
 
-    Images are encoded once; the frozen features serve every task. Captions are generated greedily
-    at each quality level in ``levels`` (default: all; once without a level when the model has
-    none). VQA and detection use :func:`task_quality`. Detection runs when the model has location
-    tokens; retrieval when it keeps the Q-Former text branch and the bundle has its tokenizer. A
-    section that cannot run holds ``{"skipped": reason}``. Returns a JSON-serialisable dict.
+    Images are encoded once; the frozen features serve every task: :func:`evaluate_captions` (at each
+    quality level in ``levels``; default all), :func:`evaluate_vqa`, :func:`evaluate_detection` (when
+    the model has location tokens) and :func:`retrieval_figures` (when it keeps the Q-Former text
+    branch and the bundle has its tokenizer). A section that cannot run holds ``{"skipped": reason}``.
+    Returns a JSON-serialisable dict.
     """
     start = time.perf_counter()
     data_dir = Path(data_dir)
     bridge, cfg = bundle.bridge.eval(), bundle.config
-    task_prompts = cfg.prompts  # the bundle's own: a model is scored in the words it was trained with
     device = next(bridge.parameters()).device
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    data = load_split(data_dir, split, n)
+    image_ids = data.image_ids
 
-    captions_json = _read_json(data_dir / f"captions_{split}.json")
-    images = sorted(captions_json["images"], key=lambda im: im["id"])[: n if n is not None else None]
-    if not images:
-        raise ValueError(f"no images in {data_dir / f'captions_{split}.json'}" + (f" (n={n})" if n is not None else ""))
-    image_ids = [im["id"] for im in images]
-    wanted = set(image_ids)
-    caption_anns = [a for a in captions_json["annotations"] if a["image_id"] in wanted and _is_clean(a)]
-
-    files = {k: data_dir / f"{k}_{split}.json" for k in ("questions", "annotations_vqa", "instances", "scenes")}
-    questions = []
-    if files["questions"].is_file() and files["annotations_vqa"].is_file():
-        questions = sorted((q for q in _read_json(files["questions"])["questions"] if q["image_id"] in wanted),
-                           key=lambda q: q["question_id"])
-    instances = _read_json(files["instances"]) if files["instances"].is_file() else None
-    scenes = None
-    if files["scenes"].is_file():
-        scenes = {s["id"]: Scene.from_dict(s) for s in _read_json(files["scenes"])["scenes"] if s["id"] in wanted}
-
-    if levels is None:
-        caption_levels = list(range(cfg.num_quality_levels)) or [None]
-    else:
-        caption_levels = [cfg.quality_level(lv) for lv in levels]
-    run_detection = cfg.num_loc_bins > 0 and instances is not None
+    n_levels = len(caption_levels(cfg, levels))
+    run_detection = cfg.num_loc_bins > 0 and data.instances is not None
     has_text = bridge.aligner.qformer.cfg.with_text
     run_retrieval = has_text and bundle.qformer_tokenizer is not None
 
     def n_batches(count: int) -> int:
         return math.ceil(count / batch_size)
 
-    total = n_batches(len(images)) * (1 + len(caption_levels) + run_detection) + n_batches(len(questions))
+    total = n_batches(len(data.images)) * (1 + n_levels + run_detection) + n_batches(len(data.questions))
     bar = tqdm(total=total, desc="eval", unit="batch", disable=not progress)
 
-    # ---- frozen features, once (kept on the CPU so long splits do not fill the accelerator)
+    # frozen features, once (kept on the CPU so long splits do not fill the accelerator)
     bar.set_description("eval: encode")
-    feats = []
-    for batch in _batches(images, batch_size):
-        pil = [load_rgb(data_dir / "images" / split / im["file_name"]) for im in batch]
-        pixels = bundle.image_processor(images=pil, return_tensors="pt").pixel_values.to(device)
-        feats.append(bridge.encode_images(pixels).cpu())
-        bar.update()
-    feats = torch.cat(feats)  # (n_images, N, Dv)
-    row_of = {image_id: i for i, image_id in enumerate(image_ids)}
+    feats = encode_split_images(bundle, data_dir, split, data.images, batch_size, device, bar)  # (n_images, N, Dv)
 
-    def run(rows: list[int], prompts: list[str], quality: int | None, max_new_tokens: int):
-        """Greedy generation for image rows and prompts, in batches."""
-        out = []
-        config = GenerationConfig(max_new_tokens=max_new_tokens)
-        for b in range(0, len(rows), batch_size):
-            r, p = rows[b : b + batch_size], prompts[b : b + batch_size]
-            q = [quality] * len(r) if quality is not None else None
-            out += generate(bridge, bundle.tokenizer, feats[r].to(device), p, q, config)
-            bar.update()
-        return out
-
-    results: dict = {"split": split, "n_images": len(images)}
-
-    # ---- captions, per quality level
-    references: dict[int, list[str]] = defaultdict(list)
-    for a in caption_anns:
-        references[a["image_id"]].append(a["caption"])
-    rows = list(range(len(images)))
-    results["captions"] = {}
-    for level in caption_levels:
-        bar.set_description(f"eval: captions {_level_name(cfg, level)}")
-        gens = run(rows, [task_prompts.caption_prompt()] * len(rows), level, CAPTION_MAX_NEW_TOKENS)
-        preds = {image_ids[i]: g.text for i, g in zip(rows, gens)}
-        scored = {k: v for k, v in preds.items() if references.get(k)}
-        entry = caption_scores(scored, references)
-        if scenes is not None:
-            entry.update(scene_caption_scores({k: v for k, v in preds.items() if k in scenes}, scenes))
-        entry["mean_words"] = sum(len(t.split()) for t in preds.values()) / len(preds)
-        entry["examples"] = {str(k): preds[k] for k in image_ids[:3]}
-        results["captions"][_level_name(cfg, level)] = entry
-
-    # ---- VQA
-    if questions:
-        bar.set_description("eval: vqa")
-        quality = task_quality(cfg)
-        asked = [task_prompts.vqa_prompt(q["question"]) for q in questions]
-        gens = run([row_of[q["image_id"]] for q in questions], asked, quality, VQA_MAX_NEW_TOKENS)
-        preds = {q["question_id"]: g.text for q, g in zip(questions, gens)}
-        annotations = [a for a in _read_json(files["annotations_vqa"])["annotations"] if a["question_id"] in preds]
-        scores = vqa_scores(preds, annotations)
-        groups: dict[str, dict[str, list[float]]] = {"question_type": defaultdict(list), "answer_type": defaultdict(list)}
-        for a in annotations:
-            for key, group in groups.items():
-                group[a.get(key, "unknown")].append(scores[a["question_id"]])
-        results["vqa"] = {
-            "accuracy": sum(scores.values()) / len(scores),
-            "n_questions": len(scores),
-            "quality_level": _level_name(cfg, quality),
-            **{f"per_{key}": {t: sum(v) / len(v) for t, v in sorted(group.items())} for key, group in groups.items()},
-        }
+    results: dict = {"split": split, "n_images": len(data.images)}
+    results["captions"] = evaluate_captions(bundle, feats, image_ids, data.caption_anns, levels, data.scenes,
+                                            batch_size, device, bar)
+    if data.questions:
+        results["vqa"] = evaluate_vqa(bundle, feats, image_ids, data.questions, data.vqa_annotations, batch_size,
+                                      device, bar)
     else:
         results["vqa"] = {"skipped": f"no questions_{split}.json / annotations_vqa_{split}.json for these images"}
-
-    # ---- detection
     if run_detection:
-        bar.set_description("eval: detect")
-        quality = task_quality(cfg)
-        per_image = defaultdict(int)
-        for a in instances["annotations"]:
-            if a["image_id"] in wanted:
-                per_image[a["image_id"]] += 1
-        max_new = DETECT_TOKENS_PER_OBJECT * (max(per_image.values(), default=0) + DETECT_SPARE_OBJECTS)
-        gens = run(rows, [task_prompts.detect_prompt()] * len(rows), quality, max_new)
-        category = {" ".join(c["name"].lower().split()): c["id"] for c in instances["categories"]}
-        codec = BoxCodec(cfg.num_loc_bins)
-        dets, unknown = [], 0
-        for im, g in zip(images, gens):
-            # Boxes in the frame of the annotations: the JSON's width/height (the original image).
-            for d in codec.decode_tokens(g.tokens, g.logprobs, im["width"], im["height"]):
-                cat = category.get(d.label.lower())
-                if cat is None:
-                    unknown += 1
-                    continue
-                x1, y1, x2, y2 = d.box
-                dets.append({"image_id": im["id"], "category_id": cat, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                             "score": d.score})
-        results["detection"] = {
-            **detection_map(dets, instances, image_ids),
-            "n_detections": len(dets),
-            "unknown_labels": unknown,
-            "quality_level": _level_name(cfg, quality),
-        }
+        results["detection"] = evaluate_detection(bundle, feats, data.images, data.instances, batch_size, device, bar)
     else:
         why = "the model has no location tokens" if cfg.num_loc_bins == 0 else f"no instances_{split}.json"
         results["detection"] = {"skipped": why}
-
-    # ---- retrieval
     if run_retrieval:
         bar.set_description("eval: retrieval")
-        results["retrieval"] = retrieval_figures(bridge, bundle.qformer_tokenizer, feats, image_ids, caption_anns,
-                                                 batch_size, device)
+        results["retrieval"] = retrieval_figures(bridge, bundle.qformer_tokenizer, feats, image_ids,
+                                                 data.caption_anns, batch_size, device)
     else:
         why = "the Q-Former has no text branch" if not has_text else "the bundle has no qformer_tokenizer"
         results["retrieval"] = {"skipped": why}
