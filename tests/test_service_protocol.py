@@ -32,7 +32,7 @@ def test_protocol_is_pydantic_only():
 
 def test_engine_and_backends_know_no_http():
     http = {"fastapi", "starlette", "uvicorn", "httpx"}
-    for name in ("engine.py", "backends/base.py", "backends/torch_backend.py"):
+    for name in ("engine.py", "batching.py", "cache.py", "backends/base.py", "backends/torch_backend.py"):
         assert not imported_modules(ROOT / "service" / name) & http, name
 
 

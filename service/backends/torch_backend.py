@@ -2,7 +2,7 @@
 
 The engine schedules this backend token by token (`continuous = True`): it asks for a `Decoder` over
 `max_rows` sequences and runs `add` / `step` / `remove` on the model thread through `call`, so requests
-join and leave the running batch between steps (see `service.engine`). `generate` is the whole-batch
+join and leave the running batch between steps (see `service.batching`). `generate` is the whole-batch
 path of the `Backend` protocol (`decode_from_queries`); the engine sends it what a decoder cannot run:
 beam search, and rows longer than `max_len` positions.
 """

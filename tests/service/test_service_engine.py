@@ -15,7 +15,8 @@ import torch
 
 from conftest import StubBackend, make_engine, scene_image
 from qformer.generation import GenerationConfig
-from service.engine import ImageCache, Job
+from service.cache import ImageCache
+from service.engine import Job
 from service.errors import BadRequest, DeadlineExceeded, InternalError, Overloaded
 from service.metrics import Metrics
 

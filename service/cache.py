@@ -1,0 +1,84 @@
+"""The encoded-image cache: an image's projected queries kept under an `image_id` (`CachedImage`), in an LRU
+bounded by bytes with a lifetime per entry (`ImageCache`). No HTTP here."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from service.errors import BadRequest
+from service.metrics import Metrics
+
+
+@dataclass
+class CachedImage:
+    image_id: str
+    queries: torch.Tensor  # (Q, D) projected queries, on the model's device
+    width: int  # original image size (after EXIF transpose): what detection boxes are scaled to
+    height: int
+    nbytes: int
+    created_at: float
+    expires_at: float
+
+
+class ImageCache:
+    """LRU of projected queries bounded by bytes, with a lifetime per entry. Event-loop only (no locking)."""
+
+    def __init__(self, max_bytes: int, ttl_s: float, metrics: Metrics, clock: Callable[[], float] = time.time):
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.metrics = metrics
+        self.clock = clock
+        self._entries: OrderedDict[str, CachedImage] = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, image_id: str) -> CachedImage | None:
+        entry = self._entries.get(image_id)
+        if entry is not None and entry.expires_at <= self.clock():
+            self._remove(image_id, evicted=True)
+            entry = None
+        if entry is None:
+            self.metrics.cache_misses.inc()
+            return None
+        self._entries.move_to_end(image_id)
+        self.metrics.cache_hits.inc()
+        return entry
+
+    def put(self, queries: torch.Tensor, width: int, height: int) -> CachedImage:
+        nbytes = queries.element_size() * queries.nelement()
+        if nbytes > self.max_bytes:
+            raise BadRequest("the image cache is disabled on this server (image_cache_mb is too small)",
+                             code="image_cache_disabled")
+        now = self.clock()
+        entry = CachedImage("img_" + secrets.token_urlsafe(18), queries, width, height, nbytes, now, now + self.ttl_s)
+        self._entries[entry.image_id] = entry
+        self.nbytes += nbytes
+        while self.nbytes > self.max_bytes or (self._entries and next(iter(self._entries.values())).expires_at <= now):
+            self._remove(next(iter(self._entries)), evicted=True)
+        self._update_gauges()
+        return entry
+
+    def delete(self, image_id: str) -> bool:
+        if image_id not in self._entries:
+            return False
+        self._remove(image_id, evicted=False)
+        return True
+
+    def _remove(self, image_id: str, *, evicted: bool) -> None:
+        entry = self._entries.pop(image_id)
+        self.nbytes -= entry.nbytes
+        if evicted:
+            self.metrics.cache_evictions.inc()
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.metrics.cache_bytes.set(self.nbytes)
+        self.metrics.cache_entries.set(len(self._entries))
