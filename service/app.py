@@ -37,8 +37,11 @@ _DOCUMENTED_BODIES = {
     "CaptionRequest": (protocol.CaptionRequest, True),
     "VQARequest": (protocol.VQARequest, True),
     "DetectRequest": (protocol.DetectRequest, True),
+    "ClassifyRequest": (protocol.ClassifyRequest, True),
+    "MatchRequest": (protocol.MatchRequest, True),
     "ImageUploadRequest": (protocol.ImageUploadRequest, True),
     "ChatCompletionRequest": (protocol.ChatCompletionRequest, False),
+    "EmbeddingRequest": (protocol.EmbeddingRequest, False),
 }
 
 
@@ -69,7 +72,9 @@ def build_app(settings: Settings | None = None, engine: Engine | None = None) ->
     app = FastAPI(
         title="qbridge",
         version="0.1.0",
-        summary="Captions at a quality level, VQA and detection from a Q-Former bridge; OpenAI-compatible chat.",
+        summary="Captions at a quality level, VQA and detection from a Q-Former bridge; zero-shot classification, "
+                "image-text matching and embeddings from its Q-Former's own heads; OpenAI-compatible chat and "
+                "embeddings.",
         lifespan=lifespan,
         docs_url="/docs" if settings.docs else None,
         openapi_url="/openapi.json" if settings.docs else None,

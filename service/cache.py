@@ -1,5 +1,6 @@
-"""The encoded-image cache: an image's projected queries kept under an `image_id` (`CachedImage`), in an LRU
-bounded by bytes with a lifetime per entry (`ImageCache`). No HTTP here."""
+"""The encoded-image cache: an image's projected queries (and, for a bundle that can align, its frozen vision
+features) kept under an `image_id` (`CachedImage`), in an LRU bounded by bytes with a lifetime per entry
+(`ImageCache`). No HTTP here."""
 
 from __future__ import annotations
 
@@ -24,10 +25,14 @@ class CachedImage:
     nbytes: int
     created_at: float
     expires_at: float
+    # (N, Dv) frozen vision features, on the model's device: what /v1/classify, /v1/match and /v1/embeddings
+    # start from (qformer.alignment). Kept only when the bundle can align (service.engine.Engine.can_align).
+    features: torch.Tensor | None = None
 
 
 class ImageCache:
-    """LRU of projected queries bounded by bytes, with a lifetime per entry. Event-loop only (no locking)."""
+    """LRU of encoded images bounded by bytes (queries and features counted), with a lifetime per entry.
+    Event-loop only (no locking)."""
 
     def __init__(self, max_bytes: int, ttl_s: float, metrics: Metrics, clock: Callable[[], float] = time.time):
         self.max_bytes = max_bytes
@@ -52,13 +57,15 @@ class ImageCache:
         self.metrics.cache_hits.inc()
         return entry
 
-    def put(self, queries: torch.Tensor, width: int, height: int) -> CachedImage:
-        nbytes = queries.element_size() * queries.nelement()
+    def put(self, queries: torch.Tensor, width: int, height: int,
+            features: torch.Tensor | None = None) -> CachedImage:
+        nbytes = sum(t.element_size() * t.nelement() for t in (queries, features) if t is not None)
         if nbytes > self.max_bytes:
             raise BadRequest("the image cache is disabled on this server (image_cache_mb is too small)",
                              code="image_cache_disabled")
         now = self.clock()
-        entry = CachedImage("img_" + secrets.token_urlsafe(18), queries, width, height, nbytes, now, now + self.ttl_s)
+        entry = CachedImage("img_" + secrets.token_urlsafe(18), queries, width, height, nbytes, now, now + self.ttl_s,
+                            features)
         self._entries[entry.image_id] = entry
         self.nbytes += nbytes
         while self.nbytes > self.max_bytes or (self._entries and next(iter(self._entries.values())).expires_at <= now):

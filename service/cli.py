@@ -1,8 +1,11 @@
-"""`qbridge serve` and the HTTP client commands `qbridge ask` / `qbridge detect`.
+"""`qbridge serve` and the HTTP client commands `qbridge ask` / `qbridge detect` / `qbridge classify` /
+`qbridge match`.
 
     qbridge serve --model qformer/demo/bundle --port 8000            # every option has a QBRIDGE_* variable
     qbridge ask photo.jpg --question "what colour is the circle?" --url http://127.0.0.1:8000
     qbridge detect photo.jpg --url http://127.0.0.1:8000
+    qbridge classify photo.jpg --labels circle square star --url http://127.0.0.1:8000
+    qbridge match photo.jpg --text "a red circle" --text "two squares" --url http://127.0.0.1:8000
     qbridge caption photo.jpg --url http://127.0.0.1:8000            # (qformer.cli, stdlib client)
 
 The client commands read the key from --api-key or QBRIDGE_API_KEY.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -61,7 +65,10 @@ def settings_from_args(argv: list[str] | None) -> Settings:
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    """Serve a bundle over HTTP: /v1/caption, /v1/vqa, /v1/detect, /v1/images, /v1/chat/completions, /."""
+    """Serve a bundle over HTTP: caption, VQA, detect, classify, match, embeddings, images, chat, playground.
+
+    Routes: /v1/caption, /v1/vqa, /v1/detect, /v1/classify, /v1/match, /v1/embeddings, /v1/images,
+    /v1/chat/completions, /v1/models, /health/*, /metrics, / (the playground)."""
     try:
         settings = settings_from_args(argv)
     except ValueError as exc:
@@ -103,13 +110,14 @@ def serve_main(argv: list[str] | None = None) -> int:
 # --- clients ---------------------------------------------------------------------------------------
 
 
-def _client_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+def _client_parser(prog: str, description: str, *, generates: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=inspect.cleandoc(description or ""))
     p.add_argument("image", help="image file (JPEG, PNG, WebP, GIF, BMP)")
     p.add_argument("--url", default=os.environ.get("QBRIDGE_URL", DEFAULT_URL),
                    help="server base URL [env QBRIDGE_URL]")
     p.add_argument("--api-key", default=os.environ.get("QBRIDGE_API_KEY"), help="[env QBRIDGE_API_KEY]")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    if generates:
+        p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds")
     p.add_argument("--json", action="store_true", help="print the whole JSON response")
     return p
@@ -120,7 +128,7 @@ def _post(args, path: str, data: list[tuple[str, str]]) -> dict | None:
 
     image = Path(args.image)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    if args.max_new_tokens is not None:
+    if getattr(args, "max_new_tokens", None) is not None:
         data.append(("max_new_tokens", str(args.max_new_tokens)))
     form: dict[str, list[str]] = {}
     for name, value in data:  # repeated fields (questions, labels) as lists
@@ -182,6 +190,47 @@ def detect_main(argv: list[str] | None = None) -> int:
         for d in body["detections"]:
             x1, y1, x2, y2 = d["box"]
             print(f"{d['label']}\t{d['score']:.3f}\t{x1:.1f} {y1:.1f} {x2:.1f} {y2:.1f}")
+    return 0
+
+
+def classify_main(argv: list[str] | None = None) -> int:
+    """Classify an image over given labels, zero-shot, with a running server (POST /v1/classify).
+
+    The Q-Former's own ITC head scores the image against each label written into a prompt (no LLM); prints
+    one 'label probability' line per label, most likely first. Several --template are averaged per label
+    (prompt ensembling); without one the server uses 'a photo of a {}.'."""
+    p = _client_parser("qbridge classify", classify_main.__doc__, generates=False)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--labels", nargs="+", required=True, metavar="LABEL",
+                   help="the candidate labels (quote a label with spaces: 'red circle')")
+    p.add_argument("--template", action="append", default=None, metavar="T",
+                   help="a prompt with one {} where the label goes, e.g. 'a drawing of a {}' (repeatable)")
+    args = p.parse_args(argv)
+    data = [("labels", label) for label in args.labels] + [("templates", t) for t in args.template or ()]
+    body = _post(args, "/v1/classify", data)
+    if body is None:
+        return 1
+    if not args.json:
+        for item in body["labels"]:
+            print(f"{item['label']}\t{item['probability']:.4f}")
+    return 0
+
+
+def match_main(argv: list[str] | None = None) -> int:
+    """Score how well texts describe an image with a running server (POST /v1/match).
+
+    Prints, for each --text in the order given, one 'itm itc text' line: the ITM head's probability that the
+    text describes the image and the ITC cosine similarity (the Q-Former's own heads, no LLM)."""
+    p = _client_parser("qbridge match", match_main.__doc__, generates=False)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--text", "-t", action="append", required=True, metavar="T", help="a text to score (repeatable)")
+    args = p.parse_args(argv)
+    body = _post(args, "/v1/match", [("texts", t) for t in args.text])
+    if body is None:
+        return 1
+    if not args.json:
+        for m in body["matches"]:
+            print(f"{m['itm_probability']:.4f}\t{m['itc_similarity']:.4f}\t{m['text']}")
     return 0
 
 

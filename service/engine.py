@@ -10,15 +10,28 @@ encoded-image cache (`service.cache`). No HTTP here.
 
 A request holds one queue slot (`queue_size` in all) from `admit` until it leaves the `async with`, whether
 it finished, failed, passed its deadline or was cancelled because the client went away. Its work goes
-through two stages, each a FIFO of items batched dynamically:
+through stages, each a FIFO of items batched dynamically:
 
     encode:   images -> image processor -> vision encoder -> Q-Former -> projected queries (B, Q, D)
+              (+ the frozen vision features (B, N, Dv) when the bundle can align)
     generate: projected queries + prompts -> backend.generate, one batch per generation setting
+    align:    frozen vision features / texts -> the Q-Former's own heads (qformer.alignment), no LLM:
+              `AlignJob` (classify, match) and `EmbedJob` (embeddings); one batch per key (below)
 
-Model work runs on one worker thread, one batch at a time (torch: encode and generate batches take turns),
-so the event loop stays free for health checks and request parsing. How a stage forms its batches, and how
-generation is scheduled per iteration with a backend that decodes token by token, is told in
+Model work runs on one worker thread, one batch at a time (torch: encode, align and generate batches take
+turns), so the event loop stays free for health checks and request parsing. How a stage forms its batches,
+and how generation is scheduled per iteration with a backend that decodes token by token, is told in
 `service.batching`. An image encoded once (`encode_image`) stays in the cache; later jobs name its `image_id`.
+
+Alignment batches group items with equal keys: ("classify", labels, templates) and ("match", texts, ()) —
+one image per item, the text side computed once for the whole batch — and ("embed_text", (), ()) /
+("embed_image", (), ()) for embeddings, whatever their contents. The engine answers alignment work only when
+the bundle can align (`can_align`: its aligner's Q-Former has a text branch and the bundle a
+`qformer_tokenizer`); otherwise 400 `alignment_not_supported` with `alignment_problem` as the message.
+
+    async with engine.admit() as ticket:
+        scores = await engine.run(ticket, AlignJob("classify", ("circle", "square"), image=pil_image))
+        vectors = await engine.run(ticket, EmbedJob([("text", "a red circle"), ("image_id", "img_...")]))
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from qformer import alignment
 from qformer.generation import GenerationConfig, Generated
 from service.batching import _ContinuousStage, _Item, _Rows, _Stage
 from service.cache import CachedImage, ImageCache
@@ -71,11 +85,16 @@ class EngineConfig:
 
 @dataclass
 class Timings:
-    queue_ms: float = 0.0  # waiting (admission queue and batch formation): total - encode - generate
+    queue_ms: float = 0.0  # waiting (admission queue and batch formation): total - encode - generate - align
     encode_ms: float = 0.0
     generate_ms: float = 0.0
+    align_ms: float = 0.0  # model time in align batches
     total_ms: float = 0.0
     cached: bool = False
+
+    def finish(self, admitted: float) -> None:
+        self.total_ms = (time.perf_counter() - admitted) * 1000
+        self.queue_ms = max(0.0, self.total_ms - self.encode_ms - self.generate_ms - self.align_ms)
 
 
 @dataclass
@@ -96,6 +115,42 @@ class JobResult:
     completion_tokens: int
     timings: Timings
     image_size: tuple[int, int] | None = None  # (width, height) of a cached image's original
+
+
+@dataclass
+class AlignJob:
+    """Scores from the Q-Former's own heads over one image, no LLM (`qformer.alignment`):
+    `task` "classify": a probability per label in `texts`, each written into every one of `templates`
+    (prompt ensembling); "match": the ITM probability and the ITC similarity per text in `texts`."""
+
+    task: str  # "classify" | "match"
+    texts: tuple[str, ...]
+    templates: tuple[str, ...] = alignment.DEFAULT_TEMPLATES  # classify only
+    image: Image.Image | None = None
+    image_id: str | None = None
+
+
+@dataclass
+class AlignResult:
+    scores: dict[str, list[float]]  # classify: {"probability"}; match: {"itm", "itc"}; one value per text
+    timings: Timings
+    image_size: tuple[int, int] | None = None  # (width, height) of a cached image's original
+
+
+@dataclass
+class EmbedJob:
+    """Unit vectors in the shared ITC space, one per input in order: ("text", str), ("image", a PIL image)
+    or ("image_id", an id of the cache). `params` names each input in errors (default `input.<i>`)."""
+
+    inputs: list[tuple[str, Any]]
+    params: list[str] | None = None
+
+
+@dataclass
+class EmbedResult:
+    vectors: torch.Tensor  # (n, E) float32 on the CPU, unit norm, in input order
+    prompt_tokens: int  # Q-Former text tokens of the texts + query tokens per image
+    timings: Timings
 
 
 class Ticket:
@@ -155,6 +210,8 @@ class Engine:
         self._idle: asyncio.Event | None = None
         self._encoder: _Stage | None = None
         self._generator: _Stage | None = None
+        self._aligner: _Stage | None = None
+        self.qformer_tokenizer = getattr(bundle, "qformer_tokenizer", None)
 
     # --- model facts the routes need
     @property
@@ -164,6 +221,31 @@ class Engine:
     @property
     def ready(self) -> bool:
         return self.started and not self.draining and not self.closed
+
+    @property
+    def alignment_problem(self) -> str | None:
+        """Why this bundle cannot classify, match or embed (None when it can)."""
+        if not self.bridge.aligner.qformer.cfg.with_text:
+            return ("this model's Q-Former has no text branch (ITC/ITM heads), so it cannot classify, match or "
+                    "embed; serve a bundle trained with one (stage 1's, or stage 2 with model.keep_alignment)")
+        if self.qformer_tokenizer is None:
+            return ("this bundle has no qformer_tokenizer, so texts cannot reach the Q-Former's text branch; "
+                    "it cannot classify, match or embed")
+        return None
+
+    @property
+    def can_align(self) -> bool:
+        return self.alignment_problem is None
+
+    @property
+    def embed_dim(self) -> int | None:
+        return self.bridge.aligner.qformer.cfg.embed_dim if self.can_align else None
+
+    def require_alignment(self) -> None:
+        """400 `alignment_not_supported` (the message says why) unless the bundle can align."""
+        problem = self.alignment_problem
+        if problem is not None:
+            raise BadRequest(problem, param=None, code="alignment_not_supported")
 
     # --- lifecycle
     async def start(self) -> None:
@@ -179,6 +261,8 @@ class Engine:
         wait_s = self.config.max_wait_ms / 1000
         rows = self.config.max_batch_size
         self._encoder = _Stage("encode", self._encode_batch, worker, rows, wait_s, self.metrics, self._map_error)
+        self._aligner = _Stage("align", self._align_batch, worker, rows, wait_s, self.metrics,
+                               self._map_align_error)
         if getattr(self.backend, "continuous", False):
             self._generator = _ContinuousStage("generate", self.backend, gen_slots, rows, self.metrics,
                                                self._map_error)
@@ -189,6 +273,7 @@ class Engine:
         self._idle.set()
         await self.backend.start()
         self._encoder.start()
+        self._aligner.start()
         self._generator.start()
         if self.config.warmup:
             await self._warmup()
@@ -200,6 +285,8 @@ class Engine:
         image = Image.new("RGB", (64, 64), (128, 128, 128))
         config = GenerationConfig(max_new_tokens=1)
         await self._run(ticket, Job(prompts=["warm-up"], config=config, image=image))
+        if self.can_align:
+            await self._run(ticket, AlignJob("classify", ("warm-up",), image=image))
 
     def begin_drain(self) -> None:
         """Stop admitting (readiness turns 503). Safe to call from a signal handler."""
@@ -223,7 +310,7 @@ class Engine:
             return
         self.begin_drain()
         self.closed = True
-        for stage in (self._encoder, self._generator):
+        for stage in (self._encoder, self._aligner, self._generator):
             if stage is not None:
                 await stage.close()
         # The model thread stays: an abandoned batch may still be running on it, and an idle worker costs nothing.
@@ -261,16 +348,20 @@ class Engine:
             self._idle.set()
 
     # --- work
-    async def run(self, ticket: Ticket, job: Job) -> JobResult:
+    async def run(self, ticket: Ticket, job: Job | AlignJob | EmbedJob) -> JobResult | AlignResult | EmbedResult:
         if not self.started:
             raise Overloaded("the model is still loading", code="not_ready", retry_after=self.config.retry_after_s)
         return await self._run(ticket, job)
 
     async def encode_image(self, ticket: Ticket, image: Image.Image, original_size: tuple[int, int]) -> CachedImage:
-        """Encode once and keep the projected queries; later requests name the returned `image_id`."""
-        queries = await self._encode(ticket, image)
+        """Encode once and keep the projected queries (and the vision features when the bundle can align);
+        later requests name the returned `image_id`."""
+        (queries, features), seconds = await self._encode_raw(ticket, image)
+        ticket.timings.encode_ms = seconds * 1000
         ticket.timings.total_ms = (time.perf_counter() - ticket.admitted) * 1000
-        return self.cache.put(queries, *original_size)
+        # Own copies: a batch's rows are views of one tensor, which would otherwise stay alive uncounted.
+        return self.cache.put(queries.clone(), *original_size,
+                              features=None if features is None else features.clone())
 
     def get_image(self, image_id: str) -> CachedImage | None:
         return self.cache.get(image_id)
@@ -278,7 +369,11 @@ class Engine:
     def delete_image(self, image_id: str) -> bool:
         return self.cache.delete(image_id)
 
-    async def _run(self, ticket: Ticket, job: Job) -> JobResult:
+    async def _run(self, ticket: Ticket, job: Job | AlignJob | EmbedJob) -> JobResult | AlignResult | EmbedResult:
+        if isinstance(job, AlignJob):
+            return await self._run_align(ticket, job)
+        if isinstance(job, EmbedJob):
+            return await self._run_embed(ticket, job)
         if not job.prompts:
             raise BadRequest("nothing to generate")
         size = None
@@ -302,18 +397,99 @@ class Engine:
         outputs, seconds = await self._submit(self._generator, ticket, key, n, rows)
         ticket.timings.generate_ms = seconds * 1000
         t = ticket.timings
-        t.total_ms = (time.perf_counter() - ticket.admitted) * 1000
-        t.queue_ms = max(0.0, t.total_ms - t.encode_ms - t.generate_ms)
+        t.finish(ticket.admitted)
         completion = sum(len(g.token_ids) for g in outputs)
         self.metrics.generated_tokens.inc(completion)
         return JobResult(outputs, sum(rows.lengths), completion, t, size)
 
     async def _encode(self, ticket: Ticket, image: Image.Image) -> torch.Tensor:
-        if isinstance(self._generator, _ContinuousStage):
-            self._generator.wake()  # the decoder yields the model thread at the next token boundary
-        queries, seconds = await self._submit(self._encoder, ticket, "encode", 1, image)
+        (queries, _), seconds = await self._encode_raw(ticket, image)
         ticket.timings.encode_ms = seconds * 1000
         return queries
+
+    async def _encode_raw(self, ticket: Ticket, image: Image.Image) -> tuple[tuple[torch.Tensor, Any], float]:
+        """((queries (Q, D), features (N, Dv) or None), seconds) of one image through the encode stage."""
+        self._wake_decoder()
+        return await self._submit(self._encoder, ticket, "encode", 1, image)
+
+    def _wake_decoder(self) -> None:
+        if isinstance(self._generator, _ContinuousStage):
+            self._generator.wake()  # the decoder yields the model thread at the next token boundary
+
+    # --- alignment (the Q-Former's own heads)
+    async def _run_align(self, ticket: Ticket, job: AlignJob) -> AlignResult:
+        self.require_alignment()
+        if not job.texts:
+            raise BadRequest("nothing to score")
+        features, size = await self._features(ticket, job.image, job.image_id, "image_id")
+        if job.task == "classify":
+            key: Hashable = ("classify", tuple(job.texts), tuple(job.templates))
+            rows = 1  # the labels' text features are computed once per batch
+        elif job.task == "match":
+            key, rows = ("match", tuple(job.texts), ()), len(job.texts)  # one joint pass per (image, text)
+        else:
+            raise BadRequest("unknown alignment task")
+        scores = await self._align(ticket, key, rows, features.unsqueeze(0))
+        ticket.timings.finish(ticket.admitted)
+        return AlignResult(scores, ticket.timings, size)
+
+    async def _run_embed(self, ticket: Ticket, job: EmbedJob) -> EmbedResult:
+        self.require_alignment()
+        if not job.inputs:
+            raise BadRequest("nothing to embed")
+        params = job.params or [f"input.{i}" for i in range(len(job.inputs))]
+        texts = [(i, value) for i, (kind, value) in enumerate(job.inputs) if kind == "text"]
+        images = [(i, kind, value) for i, (kind, value) in enumerate(job.inputs) if kind != "text"]
+
+        async def embed_texts():
+            if not texts:
+                return None
+            return await self._align(ticket, ("embed_text", (), ()), len(texts), tuple(v for _, v in texts))
+
+        async def embed_images():
+            if not images:
+                return None
+            found = await _gather([
+                self._features(ticket, value if kind == "image" else None, value if kind == "image_id" else None,
+                               params[i]) for i, kind, value in images])
+            return await self._align(ticket, ("embed_image", (), ()), len(images), torch.stack([f for f, _ in found]))
+
+        text_part, image_vectors = await _gather([embed_texts(), embed_images()])
+        vectors = torch.empty(len(job.inputs), self.embed_dim)
+        tokens = 0
+        if text_part is not None:
+            text_vectors, tokens = text_part
+            vectors[[i for i, _ in texts]] = text_vectors
+        if image_vectors is not None:
+            vectors[[i for i, _, _ in images]] = image_vectors
+            tokens += len(images) * self.bridge.cfg.qformer.num_query_tokens
+        ticket.timings.finish(ticket.admitted)
+        return EmbedResult(vectors, tokens, ticket.timings)
+
+    async def _features(self, ticket: Ticket, image: Image.Image | None, image_id: str | None,
+                        param: str) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """(N, Dv) frozen vision features of a cached image (and its original size) or of pixels, encoded now."""
+        if image_id is not None:
+            entry = self.cache.get(image_id)
+            if entry is None:
+                raise NotFound("unknown or expired image_id; upload the image again", code="image_not_found",
+                               param=param)
+            if entry.features is None:  # cached before the features were kept: cannot happen within one engine
+                raise BadRequest("this cached image has no vision features; upload it again",
+                                 code="alignment_not_supported", param=param)
+            ticket.timings.cached = True
+            return entry.features, (entry.width, entry.height)
+        if image is None:
+            raise BadRequest("no image")
+        (_, features), seconds = await self._encode_raw(ticket, image)
+        ticket.timings.encode_ms = max(ticket.timings.encode_ms, seconds * 1000)  # images share encode batches
+        return features, None
+
+    async def _align(self, ticket: Ticket, key: Hashable, rows: int, payload: Any):
+        self._wake_decoder()
+        result, seconds = await self._submit(self._aligner, ticket, key, rows, payload)
+        ticket.timings.align_ms += seconds * 1000
+        return result
 
     async def _submit(self, stage: _Stage, ticket: Ticket, key: Hashable, rows: int, payload: Any):
         loop = asyncio.get_running_loop()
@@ -345,18 +521,51 @@ class Engine:
         return sum(self.row_lengths(prompts, quality))
 
     # --- batch functions (run by the stages)
-    async def _encode_batch(self, batch: list[_Item]) -> list[torch.Tensor]:
+    async def _encode_batch(self, batch: list[_Item]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         images = [it.payload for it in batch]
-        queries = await asyncio.get_running_loop().run_in_executor(self.executor, self._encode_sync, images)
+        queries, feats = await asyncio.get_running_loop().run_in_executor(self.executor, self._encode_sync, images)
         self.metrics.encoded_images.inc(len(images))
-        return list(queries)
+        return list(zip(queries, feats if feats is not None else [None] * len(images)))
 
     @torch.no_grad()
-    def _encode_sync(self, images: list[Image.Image]) -> torch.Tensor:
+    def _encode_sync(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(projected queries (B, Q, D), frozen vision features (B, N, Dv) when the bundle can align, else None)."""
         pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
         device = next(self.bridge.parameters()).device
         feats = self.bridge.encode_images(pixels.to(device))
-        return self.bridge.project_queries(feats)  # (B, Q, D)
+        return self.bridge.project_queries(feats), (feats if self.can_align else None)
+
+    async def _align_batch(self, batch: list[_Item]) -> list[Any]:
+        kind, texts, templates = batch[0].key  # equal keys: one kind, one label/text tuple, one template tuple
+        payloads = [it.payload for it in batch]
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._align_sync, kind, texts, templates, payloads)
+
+    @torch.no_grad()
+    def _align_sync(self, kind: str, texts: tuple[str, ...], templates: tuple[str, ...], payloads: list[Any]):
+        """One forward for the whole batch; the result split back per item (model thread)."""
+        bridge, qtok = self.bridge, self.qformer_tokenizer
+        if kind == "embed_text":
+            flat = [t for p in payloads for t in p]
+            vectors = alignment.text_embeddings(bridge, qtok, flat).cpu()
+            ids = qtok(flat, truncation=True, max_length=alignment.MAX_TEXT_TOKENS).input_ids
+            out, i = [], 0
+            for p in payloads:
+                out.append((vectors[i : i + len(p)], sum(len(x) for x in ids[i : i + len(p)])))
+                i += len(p)
+            return out
+        sizes = [p.shape[0] for p in payloads]
+        feats = torch.cat(payloads)
+        if kind == "embed_image":
+            return list(alignment.image_embeddings(bridge, feats).cpu().split(sizes))
+        if kind == "classify":
+            probs = alignment.classify(bridge, qtok, feats, list(texts), templates).cpu()
+            return [{"probability": row.tolist()} for row in probs]  # one image per item
+        if kind == "match":
+            scores = alignment.match(bridge, qtok, feats, list(texts))
+            itm, itc = scores["itm"].cpu(), scores["itc"].cpu()
+            return [{"itm": itm[i].tolist(), "itc": itc[i].tolist()} for i in range(len(payloads))]
+        raise RuntimeError(f"unknown alignment batch kind {kind!r}")
 
     async def _generate_batch(self, batch: list[_Item]) -> list[list[Generated]]:
         parts: list[_Rows] = [it.payload for it in batch]  # equal keys: one config, quality all or none
@@ -373,6 +582,15 @@ class Engine:
             i += len(p.prompts)
         return out
 
+    def _map_align_error(self, exc: BaseException) -> ServiceError:
+        if isinstance(exc, alignment.NoTextBranch):
+            return BadRequest(self.alignment_problem or "this model cannot classify, match or embed",
+                              code="alignment_not_supported")
+        if isinstance(exc, ValueError):  # qformer.alignment's refusals of its inputs (the routes check them first)
+            log.info("alignment refused a batch: %s", exc)
+            return BadRequest("the labels, texts or templates could not be scored", code="invalid_alignment_request")
+        return self._map_error(exc)
+
     def _map_error(self, exc: BaseException) -> ServiceError:
         if isinstance(exc, ServiceError):
             return exc
@@ -388,3 +606,15 @@ class Engine:
                               code="unsupported_generation_settings")
         log.error("batch failed", exc_info=exc)
         return InternalError()
+
+
+async def _gather(coros: list) -> list:
+    """asyncio.gather that cancels the others when one fails, so no orphan keeps a stage item queued."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -12,19 +12,31 @@ checked at runtime against the settings and refused with 400, as service/BAD_INP
 
 Generation settings: `strategy` is greedy unless given; giving `num_beams` > 1 alone means beam, giving
 `temperature` or `top_p` alone means sample.
+
+Alignment endpoints (`/v1/classify`, `/v1/match`, `/v1/embeddings`) answer from the Q-Former's own ITC/ITM
+heads, no LLM. Their list counts and text lengths are schema bounds (422); an `/v1/embeddings` input is text
+unless it is a data URL (`data:image/...;base64,...`) or an image_id, so its length is checked at runtime.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 MAX_NEW_TOKENS = 256
 IMAGE_ID_PATTERN = r"^img_[A-Za-z0-9_-]{8,64}$"
 # Labels are written into the prompt and parsed back from the model's sequence: the box codec's separators
 # (';', '<', '>') would break both.
 LABEL_PATTERN = r"^[^;<>\x00-\x1f]*\S[^;<>\x00-\x1f]*$"
+# Alignment bounds (classify / match / embeddings). The Q-Former reads at most 64 tokens of a text anyway.
+MAX_LABELS = 64
+MAX_LABEL_CHARS = 200
+MAX_TEMPLATES = 16
+MAX_TEMPLATE_CHARS = 200
+MAX_MATCH_TEXTS = 32
+MAX_TEXT_CHARS = 2000
+MAX_EMBEDDING_INPUTS = 64
 
 
 QualityValue = Union[Annotated[int, Field(ge=0, le=1000)], Annotated[str, Field(min_length=1, max_length=64)]]
@@ -81,6 +93,46 @@ class DetectRequest(ImageSource, GenerationParams):
     score_threshold: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
 
 
+class ClassifyRequest(ImageSource):
+    labels: list[Annotated[str, Field(max_length=MAX_LABEL_CHARS)]] = Field(
+        min_length=1, max_length=MAX_LABELS,
+        description=f"the candidate labels (1 to {MAX_LABELS}, distinct, each at most {MAX_LABEL_CHARS} characters)",
+    )
+    templates: list[Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)]] | None = Field(
+        None, min_length=1, max_length=MAX_TEMPLATES,
+        description="prompt templates, each with exactly one {} where the label goes (default: 'a photo of a {}.'); "
+        "with several, each label's text features are averaged over them (prompt ensembling)",
+    )
+
+
+class MatchRequest(ImageSource):
+    texts: list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]] = Field(
+        min_length=1, max_length=MAX_MATCH_TEXTS,
+        description=f"texts to score against the image (1 to {MAX_MATCH_TEXTS}, each at most {MAX_TEXT_CHARS} "
+        "characters)",
+    )
+
+
+class EmbeddingRequest(_Body):
+    """OpenAI's embeddings request. An input is embedded as text unless it is a data URL
+    (`data:image/png;base64,...`) or an image_id from POST /v1/images: then as an image."""
+
+    model: str | None = Field(None, max_length=256, description="the served model's id (GET /v1/models)")
+    # Checked by service.align.embedding_inputs (422 naming `input` or `input.<i>`, not a union member's tag).
+    input: Annotated[Any, WithJsonSchema({"anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS},
+    ]})] = Field(
+        description=f"a text, an image (data URL or image_id), or a list of up to {MAX_EMBEDDING_INPUTS} of them "
+        f"(texts at most {MAX_TEXT_CHARS} characters; images at most as many as per request elsewhere)"
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float: lists of numbers; base64: little-endian float32 bytes, base64-encoded"
+    )
+    dimensions: int | None = Field(None, ge=1, description="accepted only when equal to the model's embedding_dim")
+    user: str | None = Field(None, max_length=256, description="accepted and ignored")
+
+
 class ImageUploadRequest(_Body):
     image: str = Field(description="the image as base64 or a data URL; or, in multipart, "
                        "the file uploaded as the part `image` or `file`")
@@ -99,6 +151,14 @@ class Timings(_Out):
     queue_ms: float = Field(description="admission to the start of the request's first batch")
     encode_ms: float = Field(description="vision encoder + Q-Former batch; 0 for a cached image")
     generate_ms: float
+    total_ms: float
+    cached: bool = Field(description="the image came from the image cache (image_id)")
+
+
+class AlignmentTimings(_Out):
+    queue_ms: float = Field(description="admission to the start of the request's first batch")
+    encode_ms: float = Field(description="vision encoder batch; 0 for a cached image")
+    align_ms: float = Field(description="the Q-Former's ITC/ITM heads (the batch this request ran in)")
     total_ms: float
     cached: bool = Field(description="the image came from the image cache (image_id)")
 
@@ -150,6 +210,50 @@ class DetectResponse(_Out):
     model: str
 
 
+class LabelProbability(_Out):
+    label: str
+    probability: float
+
+
+class ClassifyResponse(_Out):
+    labels: list[LabelProbability] = Field(description="every label with its probability, highest first")
+    templates: list[str] = Field(description="the templates the labels were written into")
+    timings: AlignmentTimings
+    model: str
+
+
+class TextMatch(_Out):
+    text: str
+    itm_probability: float = Field(description="image-text matching head: the probability the text describes the "
+                                   "image")
+    itc_similarity: float = Field(description="cosine similarity in the shared ITC space (max over the queries)")
+
+
+class MatchResponse(_Out):
+    matches: list[TextMatch] = Field(description="one per text, in request order")
+    timings: AlignmentTimings
+    model: str
+
+
+class Embedding(_Out):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="unit-norm vector (base64 of float32 with "
+                                         "encoding_format=base64)")
+
+
+class EmbeddingUsage(_Out):
+    prompt_tokens: int = Field(description="Q-Former text tokens, plus the query tokens of each image")
+    total_tokens: int
+
+
+class EmbeddingResponse(_Out):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class ImageInfo(_Out):
     object: Literal["image"] = "image"
     image_id: str
@@ -175,6 +279,8 @@ class ModelCapabilities(_Out):
     default_quality: int | None
     detection: bool
     num_loc_bins: int
+    alignment: bool = Field(description="the Q-Former's own heads answer /v1/classify, /v1/match, /v1/embeddings")
+    embedding_dim: int | None = Field(description="length of /v1/embeddings vectors (None without alignment)")
     backend: str
     device: str
     max_new_tokens: int

@@ -18,9 +18,10 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from qformer.boxes import DETECT_TOKENS_PER_OBJECT, BoxCodec
 from qformer.generation import GenerationConfig
+from service import align
 from service import chat as chatmap
 from service.bodies import decode_image, image_source, media_type, read_body, read_json
-from service.engine import Engine, Job, JobResult
+from service.engine import AlignJob, AlignResult, EmbedJob, Engine, Job, JobResult
 from service.errors import (
     BadRequest,
     NotFound,
@@ -33,7 +34,13 @@ from service.errors import (
 from service.images import check_counts, check_question
 from service.protocol import (
     IMAGE_ID_PATTERN,
+    MAX_EMBEDDING_INPUTS,
+    MAX_LABELS,
+    MAX_MATCH_TEXTS,
     MAX_NEW_TOKENS,
+    MAX_TEMPLATES,
+    MAX_TEXT_CHARS,
+    AlignmentTimings,
     Answer,
     CaptionRequest,
     CaptionResponse,
@@ -41,9 +48,15 @@ from service.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatResponseMessage,
+    ClassifyRequest,
+    ClassifyResponse,
     Detection,
     DetectRequest,
     DetectResponse,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     ErrorEnvelope,
     GenerationParams,
     Health,
@@ -51,11 +64,15 @@ from service.protocol import (
     ImageInfo,
     ImageSize,
     ImageUploadRequest,
+    LabelProbability,
+    MatchRequest,
+    MatchResponse,
     ModelCapabilities,
     ModelCard,
     ModelList,
     QualityInfo,
     QualityLevel,
+    TextMatch,
     Timings,
     Usage,
     VQARequest,
@@ -127,7 +144,7 @@ async def until_disconnect(request: Request, work):
     raise ClientGone()
 
 
-async def run_job(request: Request, engine: Engine, job: Job) -> JobResult:
+async def run_job(request: Request, engine: Engine, job: Job | AlignJob | EmbedJob):
     async with engine.admit() as ticket:
         return await until_disconnect(request, engine.run(ticket, job))
 
@@ -189,6 +206,12 @@ def timings(result: JobResult) -> Timings:
     t = result.timings
     return Timings(queue_ms=round(t.queue_ms, 3), encode_ms=round(t.encode_ms, 3),
                    generate_ms=round(t.generate_ms, 3), total_ms=round(t.total_ms, 3), cached=t.cached)
+
+
+def alignment_timings(result: AlignResult) -> AlignmentTimings:
+    t = result.timings
+    return AlignmentTimings(queue_ms=round(t.queue_ms, 3), encode_ms=round(t.encode_ms, 3),
+                            align_ms=round(t.align_ms, 3), total_ms=round(t.total_ms, 3), cached=t.cached)
 
 
 async def image_job_fields(state: AppState, source: tuple[str, Any]) -> tuple[dict[str, Any], tuple[int, int] | None]:
@@ -290,6 +313,90 @@ async def detect(request: Request):
     return DetectResponse(sequence="".join(g.tokens), detections=detections,
                           image=ImageSize(width=width, height=height), usage=usage(result), timings=timings(result),
                           model=engine.model_name)
+
+
+# --- alignment: the Q-Former's own heads, no LLM ---------------------------------------------------
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS,
+             openapi_extra=_body_doc("ClassifyRequest"),
+             summary="Zero-shot classification over given labels (ITC similarity, prompt ensembling)")
+async def classify(request: Request):
+    state = app_state(request)
+    engine = state.require_engine()
+    engine.require_alignment()
+    engine.check_capacity()
+    parsed = await read_body(request, ClassifyRequest, state.limits, list_fields=("labels", "templates"))
+    req = parsed.model
+    labels = align.check_labels(req.labels)
+    templates = align.check_templates(req.templates)
+    fields, _ = await image_job_fields(state, image_source(parsed))
+    try:
+        result = await run_job(request, engine, AlignJob("classify", labels, templates, **fields))
+    except ClientGone:
+        return disconnected()
+    ranked = sorted(zip(labels, result.scores["probability"]), key=lambda lp: -lp[1])
+    return ClassifyResponse(labels=[LabelProbability(label=label, probability=round(p, 6)) for label, p in ranked],
+                            templates=list(templates), timings=alignment_timings(result), model=engine.model_name)
+
+
+@router.post("/v1/match", response_model=MatchResponse, responses=_ERRORS, openapi_extra=_body_doc("MatchRequest"),
+             summary="Image-text matching: ITM probability and ITC similarity per text")
+async def match(request: Request):
+    state = app_state(request)
+    engine = state.require_engine()
+    engine.require_alignment()
+    engine.check_capacity()
+    parsed = await read_body(request, MatchRequest, state.limits, list_fields=("texts",))
+    texts = align.check_texts(parsed.model.texts)
+    fields, _ = await image_job_fields(state, image_source(parsed))
+    try:
+        result = await run_job(request, engine, AlignJob("match", texts, **fields))
+    except ClientGone:
+        return disconnected()
+    matches = [TextMatch(text=text, itm_probability=round(itm, 6), itc_similarity=round(itc, 6))
+               for text, itm, itc in zip(texts, result.scores["itm"], result.scores["itc"])]
+    return MatchResponse(matches=matches, timings=alignment_timings(result), model=engine.model_name)
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS,
+             openapi_extra=_body_doc("EmbeddingRequest", form=False),
+             summary="OpenAI-compatible embeddings of texts and images in the Q-Former's ITC space")
+async def embeddings(request: Request):
+    state = app_state(request)
+    engine = state.require_engine()
+    engine.require_alignment()
+    engine.check_capacity()
+    if not _is_json(request):
+        raise UnsupportedMediaType("the request body must be application/json", code="unsupported_media_type")
+    req = await read_json(request, EmbeddingRequest)
+    if req.model is not None and req.model != engine.model_name:
+        raise NotFound("the requested model is not served here; GET /v1/models lists the model", param="model",
+                       code="model_not_found")
+    if req.dimensions is not None and req.dimensions != engine.embed_dim:
+        raise BadRequest(f"this model's embeddings have {engine.embed_dim} dimensions; omit 'dimensions' or give "
+                         f"{engine.embed_dim}", param="dimensions", code="unsupported_dimensions")
+    checked = align.embedding_inputs(req.input, state.limits)  # 422/400 before anything is decoded
+    params = align.input_params(req.input)
+    inputs: list[tuple[str, Any]] = []
+    for (kind, value), param in zip(checked, params):
+        if kind == "data_url":
+            try:
+                loaded = await decode_image("image", value, state.limits, state.decode_limiter)
+            except ServiceError as exc:
+                exc.param = param  # the decoder names `image`; here the image is this input
+                raise
+            kind, value = "image", loaded.image
+        inputs.append((kind, value))
+    try:
+        result = await run_job(request, engine, EmbedJob(inputs, params))
+    except ClientGone:
+        return disconnected()
+    data = [Embedding(index=i, embedding=align.embedding_value(v, req.encoding_format))
+            for i, v in enumerate(result.vectors)]
+    return EmbeddingResponse(data=data, model=engine.model_name,
+                             usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens,
+                                                  total_tokens=result.prompt_tokens))
 
 
 # --- encoded-image cache ---------------------------------------------------------------------------
@@ -409,11 +516,14 @@ async def models(request: Request):
     limits = state.limits
     caps = ModelCapabilities(
         quality_levels=levels, default_quality=(cfg.num_quality_levels - 1) if levels else None,
-        detection=bool(cfg.num_loc_bins), num_loc_bins=cfg.num_loc_bins, backend=engine.backend.name,
-        device=engine.device, max_new_tokens=MAX_NEW_TOKENS,
+        detection=bool(cfg.num_loc_bins), num_loc_bins=cfg.num_loc_bins, alignment=engine.can_align,
+        embedding_dim=engine.embed_dim, backend=engine.backend.name, device=engine.device,
+        max_new_tokens=MAX_NEW_TOKENS,
         limits={"max_body_bytes": limits.max_body_bytes, "max_image_bytes": limits.max_image_bytes,
-                "max_pixels": limits.max_pixels, "max_questions": limits.max_questions,
-                "max_question_chars": limits.max_question_chars},
+                "max_pixels": limits.max_pixels, "max_images": limits.max_images,
+                "max_questions": limits.max_questions, "max_question_chars": limits.max_question_chars,
+                "max_labels": MAX_LABELS, "max_templates": MAX_TEMPLATES, "max_match_texts": MAX_MATCH_TEXTS,
+                "max_text_chars": MAX_TEXT_CHARS, "max_embedding_inputs": MAX_EMBEDDING_INPUTS},
     )
     card = ModelCard(id=engine.model_name, created=int(state.started_at), qbridge=caps)
     return ModelList(data=[card])

@@ -55,13 +55,25 @@ def png() -> bytes:
 # --- the tiny bundle -------------------------------------------------------------------------------
 
 
+def qformer_tokenizer():
+    """The Q-Former's text tokenizer of the tiny bundles: right padding, as training saves it (the [CLS]
+    feature sits at position 0)."""
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.padding_side = "right"
+    return tok
+
+
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory) -> Path:
+    """The tiny bundle every service test serves; it can align (text branch + qformer_tokenizer)."""
     from qformer.bundle import save_bundle
     from tests.tiny import tiny_bridge
 
     bridge, tok, proc = tiny_bridge(num_loc_bins=32, num_quality_levels=3)
-    return save_bundle(bridge, tok, proc, tmp_path_factory.mktemp("bundles") / "tiny")
+    return save_bundle(bridge, tok, proc, tmp_path_factory.mktemp("bundles") / "tiny",
+                       qformer_tokenizer=qformer_tokenizer())
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import positive_data_acceptance  # noqa: E402
 
-from conftest import StubBackend, make_app  # noqa: E402
+from conftest import StubBackend, make_app, qformer_tokenizer  # noqa: E402
 
 
 def _app():
@@ -24,11 +24,25 @@ def _app():
     from tests.tiny import tiny_bridge
 
     bridge, tok, proc = tiny_bridge(num_loc_bins=32, num_quality_levels=3)
-    bundle = load_bundle(save_bundle(bridge, tok, proc, tempfile.mkdtemp(prefix="qbridge-schema-") + "/tiny"))
+    # With a qformer_tokenizer: /v1/classify, /v1/match and /v1/embeddings answer 200s whose shape is checked.
+    bundle = load_bundle(save_bundle(bridge, tok, proc, tempfile.mkdtemp(prefix="qbridge-schema-") + "/tiny",
+                                     qformer_tokenizer=qformer_tokenizer()))
     return make_app(bundle, StubBackend(), max_body_bytes=1024 * 1024)
 
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", _app())
+ALIGNMENT_OPERATIONS = {("POST", "/v1/classify"), ("POST", "/v1/match"), ("POST", "/v1/embeddings")}
+
+
+def test_the_schema_lists_the_alignment_operations():
+    """What `schema.parametrize()` enumerates includes the alignment endpoints, with their bodies documented."""
+    found = {(op.method.upper(), op.path) for op in (result.ok() for result in schema.get_all_operations())}
+    assert ALIGNMENT_OPERATIONS <= found, found
+    raw = schema.raw_schema
+    for name in ("ClassifyRequest", "ClassifyRequestForm", "MatchRequest", "MatchRequestForm", "EmbeddingRequest",
+                 "ClassifyResponse", "MatchResponse", "EmbeddingResponse"):
+        assert name in raw["components"]["schemas"], name
+    assert "multipart/form-data" not in raw["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]
 
 
 @schema.parametrize()
