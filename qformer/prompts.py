@@ -68,7 +68,7 @@ def preset(name: str) -> TaskPrompts:
     return PRESETS[name]
 
 
-# The default preset's methods, for the demo LLM's pretraining (training.pretrain, training.oracle), which
+# The default preset's methods, for the demo LLM's pretraining (training.demo.pretrain, training.demo.oracle), which
 # has no bundle yet: the demo's own convention, the one the demo bundle's config carries. Everything that
 # has a bundle or a bridge config reads `config.prompts` instead.
 caption_prompt = DEFAULT_PROMPTS.caption_prompt

@@ -10,7 +10,7 @@ from tests.tiny import pixel_processor
 from training.config import DataSection
 from training.data import VisionFeatures, caption_examples, detection_examples, load_image, vqa_examples
 from training.datasets import load_rgb
-from training.shapes import write_dataset
+from training.demo.shapes import write_dataset
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from training.demo import NEEDS, STEP_NAMES, GateMissed, Steps, gate, gate_marker, main
+from training.demo.build import NEEDS, STEP_NAMES, GateMissed, Steps, gate, gate_marker, main
 
 
 def _steps(tmp_path, only=None):

@@ -12,7 +12,7 @@ from qformer.bundle import Bundle, load_bundle, save_bundle
 from qformer.generation import Generated
 from qformer.prompts import TaskPrompts
 from tests.tiny import tiny_bridge
-from training import shapes
+from training.demo import shapes
 from training.datasets import load_rgb
 from training.evaluate import (
     caption_scores,

@@ -3,7 +3,7 @@
 import torch
 
 from tests.tiny import tiny_bridge
-from training import shapes
+from training.demo import shapes
 from training.data import Example, VisionFeatures, build_feature_cache
 
 # fp16 keeps 11 significant bits: a relative error of at most 2**-11 per element (bf16's 8 bits fail this),

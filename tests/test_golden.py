@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qformer.bundle import load_bundle
-from training.demo import DEMO_DIR, GOLDEN_MARGIN, GOLDEN_SCENES, golden_figures, golden_results
+from training.demo.build import DEMO_DIR, GOLDEN_MARGIN, GOLDEN_SCENES, golden_figures, golden_results
 
 BUNDLE = DEMO_DIR / "bundle"
 pytestmark = pytest.mark.skipif(not (BUNDLE / "qbridge.json").is_file(), reason="no demo bundle installed")
@@ -62,7 +62,7 @@ def test_export_hf_gives_the_same_greedy_tokens(tmp_path):
     from qformer.generation import GenerationConfig, generate
     from qformer.hf_interop import export_hf
     from qformer.prompts import caption_prompt, vqa_prompt
-    from training.shapes import make_scene, render
+    from training.demo.shapes import make_scene, render
 
     bundle = load_bundle(BUNDLE)
     out = export_hf(BUNDLE, tmp_path / "hf")

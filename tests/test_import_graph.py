@@ -22,7 +22,7 @@ def graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                # `from training import shapes` names a module; `from training.x import f` a module's name
+                # `from training.demo import shapes` names a module; `from training.x import f` a module's name
                 targets = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
             for t in targets:
                 if t in files and t != mod and not mod.startswith(t + "."):

@@ -1,9 +1,9 @@
 """The LLM's oracle gate: boxes written as numbers read back by the bridge's own parser, and the gate."""
 
 from qformer.boxes import BoxCodec
-from training.oracle import GATE, gate_failures, numbers_to_locations
-from training.pretrain import detection_text
-from training.shapes import make_scene, reading_order
+from training.demo.oracle import GATE, gate_failures, numbers_to_locations
+from training.demo.pretrain import detection_text
+from training.demo.shapes import make_scene, reading_order
 
 
 def test_detection_text_as_numbers_parses_back_to_the_scene_boxes():

@@ -7,12 +7,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qformer.prompts import caption_prompt, detect_prompt, vqa_prompt
-from training import pretrain
-from training.pretrain import (
+from training.demo import pretrain
+from training.demo.pretrain import (
     PROMPT_WORDS, TINY_LLM, WORLD_WORDS, dataset_texts, detection_text, llm_config, pretrain_llm, scene_description,
     train_tokenizer, world_documents, world_texts,
 )
-from training.shapes import HELDOUT_PAIRS, LEVELS, caption, make_scene, reading_order, write_dataset
+from training.demo.shapes import HELDOUT_PAIRS, LEVELS, caption, make_scene, reading_order, write_dataset
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from training import shapes
-from training.shapes import (
+from training.demo import shapes
+from training.demo.shapes import (
     ALL_PAIRS, CATEGORIES, HELDOUT_PAIRS, LEVELS, Obj, Scene, caption,
     caption_precision_recall, make_scene, parse_caption, questions, render, training_captions,
     write_dataset,

@@ -8,7 +8,7 @@ import torch
 
 from tests.tiny import tiny_image_processor, tiny_llm, tiny_tokenizer, tiny_vision
 from training.config import CONFIG_DIR, load_config
-from training.shapes import write_dataset
+from training.demo.shapes import write_dataset
 from training.train import train
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from qformer.bridge import feature_tokens, load_vision_encoder, vision_hidden_size
-from training.shapes import COLOURS, SHAPES, SIZES, Obj, Scene
-from training.vision import (
+from training.demo.shapes import COLOURS, SHAPES, SIZES, Obj, Scene
+from training.demo.vision import (
     ATTRIBUTES, TINY, _corners, dense_targets, gate_failures, pretrain_tower, probe_saved, tokens_of,
 )
 
@@ -64,7 +64,7 @@ def test_every_attribute_has_a_none_class(attribute):
 def test_linear_probe_reads_an_encoded_attribute_and_not_a_missing_one():
     import torch.nn.functional as F
 
-    from training.vision import _fit_linear
+    from training.demo.vision import _fit_linear
 
     g = torch.Generator().manual_seed(0)
     colour, shape = torch.randint(0, 8, (600,), generator=g), torch.randint(0, 7, (600,), generator=g)

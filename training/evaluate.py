@@ -2,7 +2,7 @@
 
     qbridge eval --model BUNDLE --data data/shapes --split test --n 500 --out eval.json --markdown eval.md
 
-The data directory has the layout ``training.shapes.write_dataset`` writes (real data converted to
+The data directory has the layout ``training.demo.shapes.write_dataset`` writes (real data converted to
 the same standard files works too)::
 
     captions_<split>.json          COCO captions; its "images" list defines the split (required)
@@ -43,7 +43,7 @@ from qformer.boxes import DETECT_TOKENS_PER_OBJECT, BoxCodec
 from qformer.generation import GenerationConfig, generate
 from qformer.qformer import AttentionMode
 from training.datasets import load_rgb
-from training.shapes import Scene, caption_precision_recall
+from training.demo.shapes import Scene, caption_precision_recall
 
 CAPTION_MAX_NEW_TOKENS = 40
 VQA_MAX_NEW_TOKENS = 5  # answers are one or two words; VQAv2 answers rarely run longer
@@ -92,8 +92,8 @@ def caption_scores(predictions: Mapping, references: Mapping) -> dict[str, float
 
 
 def scene_caption_scores(predictions: Mapping, scenes: Mapping) -> dict[str, float]:
-    """Scene-grounded precision and recall (``training.shapes.caption_precision_recall``),
-    averaged over images. ``scenes``: image id -> :class:`training.shapes.Scene` (or its dict)."""
+    """Scene-grounded precision and recall (``training.demo.shapes.caption_precision_recall``),
+    averaged over images. ``scenes``: image id -> :class:`training.demo.shapes.Scene` (or its dict)."""
     if not predictions:
         return {"precision": 0.0, "recall": 0.0}
     ps, rs = [], []

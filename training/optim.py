@@ -1,4 +1,4 @@
-"""What the demo's pretraining runs share (``training.pretrain``'s LLM, ``training.vision``'s tower): AdamW
+"""What the demo's pretraining runs share (``training.demo.pretrain``'s LLM, ``training.demo.vision``'s tower): AdamW
 with decay on matrices only, warmup-cosine schedule, the optimizer step, run metrics, a JSON writer."""
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def match_llm_embedding_scale(bridge: Bridge) -> None:
 def init_location_rows_from_numbers(bridge: Bridge, tokenizer) -> bool:
     """Start `<loc_i>`'s input and output rows at the LLM's own rows for the number " i", when every bin's
     number is one token of its vocabulary (the demo LLM was pretrained reading and writing boxes as such
-    numbers: `training.pretrain.detection_text`); otherwise the rows keep the Bridge's neutral mean init.
+    numbers: `training.demo.pretrain.detection_text`); otherwise the rows keep the Bridge's neutral mean init.
     Returns whether the rows were copied."""
     n = bridge.cfg.num_loc_bins
     ids = [tokenizer(f" {i}", add_special_tokens=False).input_ids for i in range(n)]

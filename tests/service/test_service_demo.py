@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from tests.service.conftest import start_server, stop_server
-from training.demo import DEMO_DIR
-from training.shapes import make_scene, render
+from training.demo.build import DEMO_DIR
+from training.demo.shapes import make_scene, render
 
 BUNDLE = DEMO_DIR / "bundle"
 pytestmark = pytest.mark.skipif(not (BUNDLE / "qbridge.json").is_file(), reason="no demo bundle installed")

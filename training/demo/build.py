@@ -142,9 +142,9 @@ def gate_marker(figures: Path) -> Path:
 
 
 def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None, enforce_gates: bool = True) -> Path:
-    from training import pretrain, shapes, vision as tower
+    from training.demo import pretrain, shapes, vision as tower
     from training.evaluate import evaluate_bundle
-    from training.oracle import evaluate_oracle, gate_failures as llm_failures
+    from training.demo.oracle import evaluate_oracle, gate_failures as llm_failures
     from training.quality import score_and_bin, stage1_retrieval
     from training.train import train
 
@@ -290,13 +290,13 @@ def write_report(out: Path, plan: Plan) -> None:
     lines += ["", "## Gates", "",
               "Each part is measured alone before the next step trains on it; the build stops when a gate is "
               "missed (`qbridge demo build --only STEP` reruns one step). Vision tower: linear probes on its "
-              "frozen features, per object on val scenes (`python -m training.vision probe`). LLM: the true "
+              "frozen features, per object on val scenes (`python -m training.demo.vision probe`). LLM: the true "
               "scene description as its context, where the queries go later, greedy decoding, the evaluation's "
-              "own metrics (`python -m training.oracle`): the ceiling of any bridge through it. Stage 1: val "
+              "own metrics (`python -m training.demo.oracle`): the ceiling of any bridge through it. Stage 1: val "
               "image->text R@1 before its scores become quality levels.", "",
               "| gate | figure | value | target | passed |", "|---|---|---:|---:|---|"]
-    from training.oracle import GATE as LLM_GATE
-    from training.vision import GATE as VISION_GATE
+    from training.demo.oracle import GATE as LLM_GATE
+    from training.demo.vision import GATE as VISION_GATE
 
     targets = {"llm": LLM_GATE, "vision": VISION_GATE, "stage1": {"i2t_r1": STAGE1_GATE}}
     for g, entry in gates.items():
@@ -339,7 +339,7 @@ def golden_results(bundle_dir: Path, data_dir: Path, n: int = GOLDEN_SCENES, pro
     """Evaluate a bundle on the golden scenes (written into `data_dir`), with the wall time it took."""
     from qformer.bundle import load_bundle
     from training.evaluate import evaluate_bundle
-    from training.shapes import write_dataset
+    from training.demo.shapes import write_dataset
 
     write_dataset(data_dir, n=1, seed=0, n_val=1, n_test=n, n_heldout=1, size=(224, 224), progress=False)
     t = time.time()

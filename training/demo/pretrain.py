@@ -1,21 +1,21 @@
 """Pretrain the demo model's frozen parts on the shapes world: tokenizer, small Llama, small vision encoder.
 
-    python -m training.pretrain tokenizer --out demo/llm
-    python -m training.pretrain llm --out demo/llm --tokenizer demo/llm --steps 800
-    python -m training.pretrain vision --out demo/vision --steps 640
+    python -m training.demo.pretrain tokenizer --out demo/llm
+    python -m training.demo.pretrain llm --out demo/llm --tokenizer demo/llm --steps 800
+    python -m training.demo.pretrain vision --out demo/vision --steps 640
 
 (``--steps 20 --tiny`` shrinks either model into a smoke run; ``--threads N`` sets torch's CPU threads.)
 Each step writes a standard transformers directory (config + ``model.safetensors`` + tokenizer or image
 processor) and ``pretrain.json`` with the arguments and final metrics. These become the demo's *frozen* LLM
 and vision encoder; a Q-Former bridge is trained between them afterwards, exactly as between released weights.
 
-All text comes from the world's own generators (``training.shapes``), scene by scene from a seed, in the
+All text comes from the world's own generators (``training.demo.shapes``), scene by scene from a seed, in the
 formats the bridge later uses: ``caption: <caption>``, ``question: <q> answer: <a>``, ``detect: <labels>``
 and ``detect: <label> x1 y1 x2 y2; ...`` (boxes as numbers in the bridge's 64 location bins). Every clean
 document is read after a description of its scene (:func:`scene_description`) placed *before* ``<s>``, where
 the bridge later puts its queries, so that the frozen LLM has learned to take its answers from there. A
 training row holds one scene: its description once, then all its documents, each masked to see only the
-description and itself (:func:`_pack`). Measured with the oracle gate (``training.oracle``, 1500 steps):
+description and itself (:func:`_pack`). Measured with the oracle gate (``training.demo.oracle``, 1500 steps):
 one document a row gave caption precision 0.999, VQA 0.62, detection mAP@0.5 0.08; one scene a row, about
 three times the documents for the same compute, gave 0.999, 0.69 and 0.99. (An earlier demo LLM that saw a
 context in ~3 % of its texts did not read it at all; ``evaluate_llm`` reports that gap as
@@ -27,7 +27,7 @@ scene and answers weighted 5x (``init_from``, ``n_questions``, ``answer_weight``
 Only train-split scenes are used, so the compositional held-out pairs (``shapes.HELDOUT_PAIRS``) never occur
 in any pretraining image or text.
 
-The vision tower (a small ``ResNetModel``) and its gate live in ``training.vision``; ``vision`` below runs it.
+The vision tower (a small ``ResNetModel``) and its gate live in ``training.demo.vision``; ``vision`` below runs it.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from tqdm import tqdm
 
 from qformer.boxes import BoxCodec, reading_order_key
 from qformer.prompts import caption_prompt, detect_prompt, vqa_prompt
-from training import shapes
+from training.demo import shapes
 from training.optim import adamw, lr_schedule, optimizer_step, run_metrics, write_json
-from training.shapes import (
+from training.demo.shapes import (
     BACKGROUNDS, COLOURS, COLS, NUMBER_WORDS, PLURALS, POSITION_PHRASES, ROWS, SEEN_PAIRS, SHAPES,
     SIZES, Scene, make_scene, questions, reading_order, training_captions,
 )
@@ -547,7 +547,7 @@ def _report(metrics: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Pretrain the demo's frozen parts (tokenizer, LLM, vision encoder) on the shapes world."""
-    parser = argparse.ArgumentParser(prog="python -m training.pretrain", description=main.__doc__,
+    parser = argparse.ArgumentParser(prog="python -m training.demo.pretrain", description=main.__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--tiny", action="store_true", help="a tiny model, for smoke runs")
 
-    p = sub.add_parser("vision", help="pretrain the small ResNet vision tower on dense world labels (training.vision)")
+    p = sub.add_parser("vision", help="pretrain the small ResNet vision tower on dense world labels (training.demo.vision)")
     common(p)
     p.add_argument("--steps", type=int, default=640)
     p.add_argument("--batch-size", type=int, default=64)
@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
                                batch_size=args.batch_size, lr=args.lr, progress=not args.quiet, **sizes)
         print(_report(metrics))
     else:
-        from training.vision import TINY, pretrain_tower
+        from training.demo.vision import TINY, pretrain_tower
 
         sizes = dict(TINY, batch_size=args.batch_size) if args.tiny else {"batch_size": args.batch_size}
         metrics = pretrain_tower(args.out, args.steps, image_size=args.image_size, seed=args.seed, lr=args.lr,

@@ -1,9 +1,9 @@
 """The frozen LLM's ceiling: what it answers when its context holds the true scene (an oracle bridge).
 
-    python -m training.oracle --llm BUILD/llm --data BUILD/data --split val --n 200
+    python -m training.demo.oracle --llm BUILD/llm --data BUILD/data --split val --n 200
 
 The bridge puts its queries where the demo LLM learned to read a scene description (before ``<s>``). Here
-that place holds the ground-truth description itself (``training.pretrain.scene_description``), and the LLM
+that place holds the ground-truth description itself (``training.demo.pretrain.scene_description``), and the LLM
 is asked the bridge's own task prompts, decoded greedily, and scored by the evaluation's own metric
 functions (``training.evaluate``): scene-grounded caption precision/recall, VQA accuracy, detection mAP of
 the parsed boxes. No bridge can pass on more than this; if it misses the gate, a bridge trained through
@@ -27,9 +27,9 @@ from training.evaluate import (
     CAPTION_MAX_NEW_TOKENS, DETECT_SPARE_OBJECTS, VQA_MAX_NEW_TOKENS, detection_map,
     scene_caption_scores, vqa_scores,
 )
-from training.pretrain import LOC_BINS, scene_description
-from training import vision
-from training.shapes import Scene
+from training.demo.pretrain import LOC_BINS, scene_description
+from training.demo import vision
+from training.demo.shapes import Scene
 
 GATE = {"vqa_accuracy": 0.98, "caption_precision": 0.98, "detection_map50": 0.95}
 _NUMBER = re.compile(r"\s*\b(\d+)\b")
@@ -118,7 +118,7 @@ def gate_failures(figures: dict, gate: dict[str, float] = GATE) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.oracle", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m training.demo.oracle", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llm", required=True, help="the frozen LLM's directory (model + tokenizer)")
     p.add_argument("--data", required=True, help="a written shapes world")

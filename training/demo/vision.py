@@ -1,7 +1,7 @@
 """The demo's frozen vision tower: a small ResNet pretrained on dense shapes-world labels, and its gate.
 
-    python -m training.pretrain vision --out demo/vision --steps 640
-    python -m training.vision probe --model demo/vision          (the gate alone, on a saved tower)
+    python -m training.demo.pretrain vision --out demo/vision --steps 640
+    python -m training.demo.vision probe --model demo/vision          (the gate alone, on a saved tower)
 
 Why a conv net: measured on 2 cores (README, "The demo model"), a small ``Blip2VisionModel`` trained from scratch
 on the same objective stayed at chance on shape after 300 steps, while a ResNet of 1.56 M parameters
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from training.shapes import COLOURS, SHAPES, SIZES, Scene, make_scene, render
+from training.demo.shapes import COLOURS, SHAPES, SIZES, Scene, make_scene, render
 
 ATTRIBUTES = {"shape": tuple(SHAPES), "colour": tuple(COLOURS), "size": tuple(SIZES)}
 # What the gate asks of a frozen tower before anything is trained on it (issue 9).
@@ -308,7 +308,7 @@ def gate_failures(figures: dict[str, float], gate: dict[str, float] = GATE) -> l
 
 def main(argv: list[str] | None = None) -> int:
     """Probe a saved vision tower (the gate of `qbridge demo build`)."""
-    p = argparse.ArgumentParser(prog="python -m training.vision", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m training.demo.vision", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("probe", help="linear probes of a saved tower's frozen features, and the gate")
