@@ -44,6 +44,9 @@ class Plan:
     image_size: int = 160  # the vision tower's input: a 10x10 feature grid
     data_size: int = 224  # rendered scenes (the vision pretraining renders at 224 and resizes too)
     llm_steps: int = 2500
+    # Oracle VQA 0.746 after 2500 steps; 0.790 after 1200 more with 16 questions a scene, answers weighted 2x,
+    # lr 1e-3 (caption precision 1.000, mAP@0.5 1.000)
+    llm_refine_steps: int = 1200
     vision_steps: int = 640
     stage1_steps: int = 1600  # val i2t R@1 0.300 at 800 steps, 0.495 at 1600 (still rising)
     stage2_steps: int = 3000
@@ -57,8 +60,8 @@ class Plan:
     quick: bool = False  # tiny model sizes too
 
 
-QUICK = Plan(n_train=64, n_test=8, n_heldout=4, image_size=64, data_size=64, llm_steps=10, vision_steps=10, stage1_steps=10,
-             stage2_steps=12, ablation_steps=4, eval_n=8, gate_n=4, probe_scenes=(16, 8), quick=True)
+QUICK = Plan(n_train=64, n_test=8, n_heldout=4, image_size=64, data_size=64, llm_steps=10, llm_refine_steps=4,
+             vision_steps=10, stage1_steps=10, stage2_steps=12, ablation_steps=4, eval_n=8, gate_n=4, probe_scenes=(16, 8), quick=True)
 # Stage 1's gate: val image->text R@1 before its alignment scores become quality levels.
 STAGE1_GATE = 0.80
 
@@ -161,9 +164,14 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
         data, n=plan.n_train, seed=plan.seed, noise=plan.noise, n_val=max(1, plan.n_test // 5), n_test=plan.n_test,
         n_heldout=plan.n_heldout, size=(plan.data_size, plan.data_size), progress=progress), clear=(data,))
     steps.run("tokenizer", llm / "tokenizer.json", lambda: pretrain.train_tokenizer(None, llm, seed=plan.seed))
-    steps.run("llm", llm / "model.safetensors", lambda: pretrain.pretrain_llm(
-        None, llm, llm, plan.llm_steps, seed=plan.seed, progress=progress,
-        **(pretrain.TINY_LLM if plan.quick else {})))
+    def llm_step():
+        pretrain.pretrain_llm(None, llm, llm, plan.llm_steps, seed=plan.seed, progress=progress,
+                              **(pretrain.TINY_LLM if plan.quick else {}))
+        if plan.llm_refine_steps:  # then more questions a scene, answers weighted 2x, at half the rate
+            pretrain.pretrain_llm(None, llm, llm, plan.llm_refine_steps, seed=plan.seed, lr=1e-3, warmup=50,
+                                  n_questions=16, answer_weight=2.0, init_from=llm, progress=progress)
+
+    steps.run("llm", llm / "model.safetensors", llm_step)
 
     def llm_gate():
         figures = evaluate_oracle(llm, data, "val", plan.gate_n, progress=progress)
