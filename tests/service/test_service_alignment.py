@@ -201,7 +201,9 @@ def test_alignment_and_generation_share_the_model_thread(client, pngs):
         cls = [pool.submit(client.post, "/v1/classify", json={"image": b64(pngs[1]), "labels": LABELS})
                for _ in range(2)]
         assert [f.result().status_code for f in caps + cls] == [200] * 4
-    assert probabilities(cls[0].result().json()) == probabilities(cls[1].result().json())
+    # Equal up to float rounding: the two may or may not have shared a batch (a batch sums in another order).
+    first, second = probabilities(cls[0].result().json()), probabilities(cls[1].result().json())
+    assert first.keys() == second.keys() and all(abs(first[k] - second[k]) <= 1e-5 for k in first)
 
 
 # --- batching, deadlines, cancellation, drain (the engine) --------------------------------------------
