@@ -44,3 +44,16 @@ def test_cached_features_match_on_the_fly_encoding_at_fp16_precision(tmp_path):
     # a second build with the same fingerprint reads the file back, unchanged
     again = build_feature_cache(examples, lambda _: 1 / 0, proc, tmp_path / "cache", fingerprint="x")
     assert set(again) == set(cache) and all(torch.equal(again[k], cache[k]) for k in cache)
+
+
+def test_the_cache_depends_on_the_images_not_on_the_task_mix(tmp_path):
+    """Stage 1 (captions) and stage 2 (captions, VQA, detection) of one split share one cache; other images
+    do not."""
+    from training.config import TrainConfig
+    from training.train import cache_fingerprint
+
+    cfg = TrainConfig()
+    captions = [Example(1, "a.png", "", "a circle"), Example(2, "b.png", "", "a square")]
+    mixed = captions + [Example(1, "a.png", "question: how many?", "1"), Example(2, "b.png", "detect:", "...")]
+    assert cache_fingerprint(cfg, captions) == cache_fingerprint(cfg, mixed)
+    assert cache_fingerprint(cfg, captions) != cache_fingerprint(cfg, captions[:1])

@@ -14,6 +14,7 @@ Batches, dropout and ITM negatives are seeded by (seed, step, rank), so resuming
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -360,12 +361,19 @@ def _examples(cfg: TrainConfig, stage2: bool, prompts: TaskPrompts) -> dict[str,
     return {t: builders[t](cfg.data, prompts) for t, w in cfg.data.tasks.items() if w > 0}
 
 
+def cache_fingerprint(cfg: TrainConfig, examples) -> str:
+    """What the frozen features depend on: the tower's weights and the distinct images, not the task mix, so
+    that stage 1 (captions) and stage 2 (captions, VQA, detection) on one split share one cache."""
+    images = hashlib.sha256("\n".join(sorted({f"{e.image_id}:{e.path}" for e in examples})).encode()).hexdigest()
+    return f"{cfg.model.vision}|{_vision_hash(cfg.model.vision)}|{cfg.data.root}|{cfg.data.split}|{images}"
+
+
 def _feature_source(cfg: TrainConfig, parts: Parts, tasks: dict, accelerator) -> VisionFeatures:
     encode = parts.bridge.encode_images
     if not cfg.run.feature_cache:
         return VisionFeatures(encode, parts.image_processor)
     every = [e for pool in tasks.values() for e in pool]
-    fingerprint = f"{cfg.model.vision}|{_vision_hash(cfg.model.vision)}|{cfg.data.root}|{cfg.data.split}|{len(every)}"
+    fingerprint = cache_fingerprint(cfg, every)
     if accelerator.is_main_process:
         build_feature_cache(every, encode, parts.image_processor, cfg.run.feature_cache, fingerprint=fingerprint)
     accelerator.wait_for_everyone()
