@@ -44,6 +44,7 @@ def check_ingredients(paths: Sequence[Path]) -> None:
         missing = [str(p) for p in paths if not (p / "qbridge.json").is_file()]
         raise BundleError(f"not qbridge bundles (no qbridge.json): {', '.join(missing)}")
     first, base = metas[0]["config"], paths[0]
+    a = load_file(base / "model.safetensors")
     for path, meta in zip(paths[1:], metas[1:]):
         cfg = meta["config"]
         for part in ("vision", "llm"):
@@ -53,7 +54,7 @@ def check_ingredients(paths: Sequence[Path]) -> None:
         diff = sorted(k for k in set(first) | set(cfg) if k not in ("vision", "llm") and first.get(k) != cfg.get(k))
         if diff:
             raise BundleError(f"{path}'s bridge config differs from {base}'s in {', '.join(diff)}")
-        a, b = load_file(base / "model.safetensors"), load_file(path / "model.safetensors")
+        b = load_file(path / "model.safetensors")
         shapes = sorted(k for k in set(a) | set(b) if k not in a or k not in b or a[k].shape != b[k].shape)
         if shapes:
             raise BundleError(f"{path}'s trainable tensors differ from {base}'s in name or shape: {shapes[:5]}")
