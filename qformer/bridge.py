@@ -157,7 +157,8 @@ class Alignment(nn.Module):
     def __init__(self, cfg: BridgeConfig):
         super().__init__()
         self.ln_vision = nn.LayerNorm(cfg.vision_hidden_size, eps=cfg.vision_layer_norm_eps)
-        self.qformer = QFormer(dataclasses.replace(cfg.qformer, with_text=True))
+        self.qformer = QFormer(dataclasses.replace(
+            cfg.qformer, with_text=True, num_query_tokens=cfg.alignment_query_tokens or cfg.qformer.num_query_tokens))
         self.requires_grad_(False)
 
     def query_output(self, vision_feats: torch.Tensor) -> torch.Tensor:
@@ -282,9 +283,13 @@ class Bridge(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         quality: torch.Tensor | None = None,
+        query_embeds: torch.Tensor | None = None,
     ) -> BridgeOutput:
-        """Teacher-forced pass over right-padded text; logits at the text positions."""
-        inputs = self.build_llm_inputs(self.project_queries(vision_feats), input_ids, attention_mask, quality)
+        """Teacher-forced pass over right-padded text; logits at the text positions. ``query_embeds``: the
+        projected queries of ``vision_feats`` when the caller has them already."""
+        if query_embeds is None:
+            query_embeds = self.project_queries(vision_feats)
+        inputs = self.build_llm_inputs(query_embeds, input_ids, attention_mask, quality)
         out = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, use_cache=False)
         return BridgeOutput(logits=out.logits[:, inputs.prefix_len :])
 

@@ -79,6 +79,9 @@ class BridgeConfig:
     # ITM (retrieval, alignment scores), while the Q-Former that feeds the LLM (then without a text branch, as
     # in BLIP-2's stage 2) is trained on. Without it, stage 2 moves the encoder layers the text branch shares.
     alignment_qformer: bool = False
+    # The stage-1 copy's query count when it differs from the Q-Former's (0: the same): stage 2 may use more
+    # queries, e.g. one per token of the context it learns to write (training.losses.context_loss).
+    alignment_query_tokens: int = 0
     # The words the LLM was trained to read for each task; bundles without them predate them and used these.
     prompts: TaskPrompts = DEFAULT_PROMPTS
 

@@ -247,3 +247,37 @@ def test_training_on_webdataset_shards_logs_what_the_json_files_give(world, tmp_
     assert len(runs["shards"]) == 3
     for a, b in zip(runs["json"], runs["shards"]):
         assert a["itc_loss"] == pytest.approx(b["itc_loss"], rel=1e-5)
+
+
+def _write_contexts(world, name: str, text_of) -> str:
+    images = json.loads((world / "data" / "captions_train.json").read_text())["images"]
+    (world / "data" / name).write_text(json.dumps({"contexts": [{"image_id": im["id"], "text": text_of(im["id"])}
+                                                                for im in images]}))
+    return name
+
+
+def test_stage2_context_distillation_teaches_the_queries_to_write_the_context(world, tmp_path):
+    """run.context_weight: query slot s learns the LLM's input embedding of context token s; the loss falls,
+    and the nearest embedding row of the written slots is the context's token."""
+    name = _write_contexts(world, "contexts_ok.json", lambda i: "red circle")
+    cfg = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path / "s2", **{
+        "run.steps": 60, "run.context_weight": 1.0, "data.contexts": name, "model.num_quality_levels": 0,
+        "data.captions": "captions_{split}.json", "optim.lr": 3e-3}))
+    train(cfg, progress=False)
+    log = [r for r in losses(tmp_path / "s2") if any(k.endswith("context_loss") for k in r)]
+    ctx = lambda r: next(v for k, v in r.items() if k.endswith("context_loss"))  # noqa: E731
+    acc = lambda r: next(v for k, v in r.items() if k.endswith("context_acc"))  # noqa: E731
+    assert ctx(log[-1]) < 0.8 * ctx(log[0])  # without the loss's gradient it would not move
+    assert acc(log[-1]) > 0.9
+
+
+def test_stage2_refuses_a_context_longer_than_its_queries(world, tmp_path):
+    name = _write_contexts(world, "contexts_long.json", lambda i: " ".join(["red circle"] * 40))
+    cfg = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path / "s2", **{
+        "run.steps": 2, "run.context_weight": 1.0, "data.contexts": name}))
+    with pytest.raises(ValueError, match="queries"):
+        train(cfg, progress=False)
+    cfg = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path / "s3", **{
+        "run.steps": 2, "run.context_weight": 1.0}))
+    with pytest.raises(ValueError, match="data.contexts"):
+        train(cfg, progress=False)

@@ -45,6 +45,10 @@ class DataSection:
     # the JSON files when set: e.g. "shards/{split}-*.tar" (what `qbridge data shapes` writes)
     shards: str = ""
     tasks: dict = field(default_factory=lambda: {"caption": 1.0})  # stage 2 task mixture weights
+    # stage 2, optional: per image, a text the frozen LLM reads well as its context (JSON
+    # {"contexts": [{"image_id", "text"}]}, e.g. "contexts_{split}.json"); with run.context_weight > 0 the
+    # queries learn to write its token embeddings, slot by slot (training.losses.context_loss)
+    contexts: str = ""
     max_text_tokens: int = 64
 
 
@@ -73,6 +77,8 @@ class RunSection:
     feature_cache: str = ""  # directory of cached frozen vision features ("" = encode every step)
     itc_label_smoothing: float = 0.1
     itg_label_smoothing: float = 0.1
+    context_weight: float = 0.0  # stage 2: weight of the context-distillation loss (needs data.contexts)
+    context_temperature: float = 0.02
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,14 @@ def caption_examples(data: DataSection, prompts: TaskPrompts, root: Path | None 
     ]
 
 
+def load_contexts(data: DataSection) -> dict[int, str]:
+    """``data.contexts`` as {image_id: text} (empty when unset)."""
+    if not data.contexts:
+        return {}
+    d = _read(Path(data.root) / _fmt(data.contexts, data.split))
+    return {int(c["image_id"]): c["text"] for c in d["contexts"]}
+
+
 def vqa_examples(data: DataSection, prompts: TaskPrompts) -> list[Example]:
     if data.shards:
         return [Example(s["image_id"], s["path"], prompts.vqa_prompt(q["question"]), q["answer"])

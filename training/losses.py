@@ -132,3 +132,26 @@ def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_leng
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     keep = (positions >= prompt_lengths[:, None]) & (attention_mask == 1)
     return input_ids.masked_fill(~keep, -100)
+
+
+def context_loss(query_embeds: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+                 temperature: float = 0.02) -> dict[str, torch.Tensor]:
+    """Context distillation: query slot ``s`` writes the LLM's input embedding of context token ``s``.
+
+    ``query_embeds`` (B, Q, D) are the projected queries, ``table`` (V, D) the frozen LLM's input embeddings,
+    ``targets`` (B, Q) the context's token ids left-aligned in the slots, -100 on free slots (the LM loss
+    alone shapes those). The loss is a nearest-row classification (logits ``-|q - e_v|^2 / temperature``)
+    plus the squared distance to the target row itself, so a slot that is right is also *at* the row the
+    LLM learned to read. ``context_acc``: the share of slots whose nearest row is the target.
+    """
+    keep = targets >= 0
+    q = query_embeds[keep].float()  # (N, D)
+    if q.numel() == 0:
+        zero = query_embeds.sum() * 0.0
+        return {"context_loss": zero, "context_acc": zero.detach()}
+    table = table.float()
+    d2 = q.pow(2).sum(-1, keepdim=True) - 2 * q @ table.T + table.pow(2).sum(-1)  # (N, V)
+    y = targets[keep]
+    ce = F.cross_entropy(-d2 / temperature, y)
+    mse = (q - table[y]).pow(2).sum(-1).mean()
+    return {"context_loss": ce + mse, "context_acc": (d2.argmin(-1) == y).float().mean().detach()}

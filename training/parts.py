@@ -5,7 +5,9 @@ number rows). Shared by training (``training.train``) and quality scoring (``tra
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -55,6 +57,11 @@ def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
         **{**m.qformer, "encoder_hidden_size": vision_hidden_size(vision), "vocab_size": len(qtok),
            "pad_token_id": qtok.pad_token_id, **({"with_text": False} if alignment else {})}
     )
+    align_queries = 0
+    stage1_config = Path(m.init_from) / "final" / "bridge_config.json"
+    if alignment and m.init_from and stage1_config.is_file():
+        q = json.loads(stage1_config.read_text())["qformer"]["num_query_tokens"]
+        align_queries = q if q != qcfg.num_query_tokens else 0
     bcfg = BridgeConfig(
         qformer=qcfg,
         vision_hidden_size=vision_hidden_size(vision),
@@ -66,6 +73,7 @@ def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
         base_vocab_size=base_vocab,
         prompts=preset(m.prompts),
         alignment_qformer=alignment,
+        alignment_query_tokens=align_queries,
     )
     bridge = Bridge(bcfg, vision, llm)
     if llm is not None:

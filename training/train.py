@@ -43,10 +43,11 @@ from training.data import (
     caption_examples,
     detection_examples,
     detection_target,
+    load_contexts,
     vqa_examples,
 )
 from training.parts import DEC_TOKEN, STAGE1_PARTS, Parts, build_parts
-from training.losses import gather_with_grad, itc_loss, itg_loss, itm_loss, lm_labels, lm_loss, sample_hard_negatives
+from training.losses import context_loss, gather_with_grad, itc_loss, itg_loss, itm_loss, lm_labels, lm_loss, sample_hard_negatives
 
 class Stage1(nn.Module):
     """ITC + ITM + ITG over ln_vision and the Q-Former (LAVIS `Blip2Qformer.forward`, without process-group calls)."""
@@ -95,12 +96,44 @@ def _gather_no_grad(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
 class Stage2(nn.Module):
     """The frozen LLM's LM loss through the bridge, masked on prompt and padding."""
 
-    def __init__(self, bridge: Bridge):
+    def __init__(self, bridge: Bridge, context_weight: float = 0.0, context_temperature: float = 0.02):
         super().__init__()
         self.bridge = bridge
+        self.context_weight = context_weight
+        self.context_temperature = context_temperature
 
-    def forward(self, feats, ids, mask, labels, quality=None):
-        return lm_loss(self.bridge(feats, ids, mask, quality).logits, labels)
+    def forward(self, feats, ids, mask, labels, quality=None, context_ids=None):
+        """LM loss; with ``context_ids`` (B, Q) also the context-distillation loss of the same queries."""
+        queries = self.bridge.project_queries(feats)
+        losses = lm_loss(self.bridge(feats, ids, mask, quality, query_embeds=queries).logits, labels)
+        if context_ids is not None:
+            table = self.bridge.llm.get_input_embeddings().weight[: self.bridge.cfg.base_vocab_size or None].detach()
+            ctx = context_loss(queries, table, context_ids, self.context_temperature)
+            losses["context_loss"] = self.context_weight * ctx["context_loss"]
+            losses["context_acc"] = ctx["context_acc"]
+        return losses
+
+
+def context_targets(tokenizer, contexts: dict[int, str], slots: int) -> dict[int, list[int]]:
+    """Each image's context as token ids, for query slots ``0..len-1``; a context longer than the queries
+    cannot be written by them, and stops the run before it starts."""
+    out = {}
+    for image_id, text in contexts.items():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > slots:
+            raise ValueError(f"the context of image {image_id} is {len(ids)} tokens, the bridge has {slots} queries: "
+                             "raise model.qformer.num_query_tokens or shorten the contexts")
+        out[image_id] = ids
+    return out
+
+
+def context_batch(targets: dict[int, list[int]], image_ids: list[int], slots: int) -> torch.Tensor:
+    """(B, slots) token ids left-aligned, -100 on free slots and for images without a context."""
+    out = torch.full((len(image_ids), slots), -100, dtype=torch.long)
+    for row, image_id in enumerate(image_ids):
+        ids = targets.get(image_id, ())
+        out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
 
 
 STAGE1_TRAINABLE = list(STAGE1_PARTS)
@@ -244,7 +277,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
     n_train = sum(p.numel() for _, p in named)
     if accelerator.is_main_process:
         print(f"[{cfg.stage}] trainable parameters: {n_train:,} of {sum(p.numel() for p in bridge.parameters()):,}")
-    module = Stage2(bridge) if stage2 else Stage1(
+    contexts = {}
+    if stage2 and cfg.run.context_weight > 0:
+        if not cfg.data.contexts:
+            raise ValueError("run.context_weight > 0 needs data.contexts (a file of per-image context texts)")
+        contexts = context_targets(parts.tokenizer, load_contexts(cfg.data), bridge.cfg.qformer.num_query_tokens)
+    module = Stage2(bridge, cfg.run.context_weight, cfg.run.context_temperature) if stage2 else Stage1(
         bridge, parts.qformer_tokenizer.convert_tokens_to_ids(DEC_TOKEN), cfg.run.itc_label_smoothing,
         cfg.run.itg_label_smoothing,
     )
@@ -299,8 +337,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
                         if any(e.quality is None for e in batch):
                             raise ValueError("captions lack a quality level: run `qbridge train quality` first")
                         quality = torch.tensor([e.quality for e in batch], device=accelerator.device)
+                    context_ids = None
+                    if contexts:
+                        context_ids = context_batch(contexts, [e.image_id for e in batch],
+                                                    bridge.cfg.qformer.num_query_tokens).to(accelerator.device)
                     losses = module(feats, ids.to(accelerator.device), mask.to(accelerator.device),
-                                    labels.to(accelerator.device), quality)
+                                    labels.to(accelerator.device), quality, context_ids)
                 else:
                     # Ranks gather each other's ids (ITM negatives), so several pad to one width; one pads to
                     # its longest caption, not to the limit.
@@ -423,12 +465,26 @@ def init_stage2(bridge: Bridge, run_dir: str | Path) -> None:
     path into the Q-Former that stage 2 trains (which has no text branch to receive the rest)."""
     init, final = load_stage1(run_dir)
     source = f"{final / 'stage1.safetensors'} (not a stage-1 run of this architecture?)"
+    init = {k: v for k, v in init.items()}
+    want = bridge.qformer.query_tokens.shape
+    if "qformer.query_tokens" in init and init["qformer.query_tokens"].shape != want and bridge.alignment is not None:
+        init["qformer.query_tokens"] = _more_queries(init["qformer.query_tokens"], want[1])
     if bridge.alignment is None:
         load_trainable(bridge, init, STAGE1_PARTS, source=source)
         return
-    load_trainable(bridge, {f"alignment.{k}": v for k, v in init.items()}, ("alignment.",), source=source)
+    stage1 = load_stage1(run_dir)[0]  # the copy keeps stage 1's own queries
+    load_trainable(bridge, {f"alignment.{k}": v for k, v in stage1.items()}, ("alignment.",), source=source)
     query_path = set(k for k in bridge.trainable_state_dict() if k.startswith(STAGE1_PARTS))
     load_trainable(bridge, {k: v for k, v in init.items() if k in query_path}, STAGE1_PARTS, source=source)
+
+
+def _more_queries(tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """Stage 1's (1, Q, H) query tokens for a stage-2 Q-Former with ``n`` queries (with a stage-1 copy kept for
+    ITC/ITM, stage 2 may use more queries than stage 1, e.g. one per context token): repeated in turn, plus
+    a little noise so that repeats can part ways."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.arange(n) % tokens.shape[1]
+    return tokens[:, idx] + 0.02 * torch.randn(1, n, tokens.shape[2], generator=g, dtype=tokens.dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

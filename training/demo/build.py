@@ -69,13 +69,13 @@ STAGE1_GATE = 0.80
 
 
 STEP_NAMES = ("data", "tokenizer", "llm", "llm gate", "vision", "vision gate", "stage 1", "stage 1 gate", "quality",
-              "stage 2", "evaluation", "ablation")
+              "contexts", "stage 2", "evaluation", "ablation")
 # What each step reads: `--only STEP` needs these steps' outputs, and no others (the vision tower does not
 # wait for the LLM).
 NEEDS = {"data": (), "tokenizer": (), "llm": ("tokenizer",), "llm gate": ("data", "llm"), "vision": (),
          "vision gate": ("vision",), "stage 1": ("data", "tokenizer", "vision"), "stage 1 gate": ("stage 1",),
-         "quality": ("stage 1",), "stage 2": ("quality", "llm"), "evaluation": ("stage 2",),
-         "ablation": ("quality", "llm")}
+         "quality": ("stage 1",), "contexts": ("data",), "stage 2": ("quality", "contexts", "llm"), "evaluation": ("stage 2",),
+         "ablation": ("quality", "contexts", "llm")}
 
 
 class GateMissed(RuntimeError):
@@ -157,7 +157,7 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
     data, llm, vision, gates = out / "data", out / "llm", out / "vision", out / "gates"
     # Minutes each step took on 2 idle CPU cores (the ETA's weights).
     steps = Steps({"data": 0.4, "tokenizer": 0.02, "llm": 8, "llm gate": 1, "vision": 10, "vision gate": 1,
-                   "stage 1": 30, "stage 1 gate": 0.5, "quality": 1, "stage 2": 12, "evaluation": 3, "ablation": 7},
+                   "stage 1": 30, "stage 1 gate": 0.5, "quality": 1, "contexts": 0.02, "stage 2": 12, "evaluation": 3, "ablation": 7},
                   out / "timings.json", only)
     paths = [f"model.vision={vision}", f"model.llm={llm}", f"data.root={data}"]
     enforce = enforce_gates and not plan.quick  # a smoke build's tiny parts cannot pass a gate
@@ -210,6 +210,8 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
     quality_file = data / "captions_train_quality.json"
     levels = load_config(CONFIG_DIR / "demo_stage2.json").model.num_quality_levels
     steps.run("quality", quality_file, lambda: score_and_bin(s1, str(out / "stage1"), levels, str(quality_file)))
+
+    steps.run("contexts", data / "contexts_train.json", lambda: pretrain.write_contexts(data, "train"))
 
     def stage2(name: str, steps_: int, extra: list[str]):
         cfg = load_config(CONFIG_DIR / "demo_stage2.json", [

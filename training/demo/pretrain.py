@@ -93,6 +93,17 @@ def scene_description(scene: Scene, bins: int = LOC_BINS) -> str:
     return " ".join(parts)
 
 
+def write_contexts(data_dir: str | Path, split: str = "train", bins: int = LOC_BINS) -> Path:
+    """``DATA/contexts_<split>.json``: each scene's :func:`scene_description`, the context stage 2's queries
+    learn to write (``data.contexts``, ``run.context_weight``: context distillation)."""
+    data = Path(data_dir)
+    scenes = json.loads((data / f"scenes_{split}.json").read_text())["scenes"]
+    out = data / f"contexts_{split}.json"
+    out.write_text(json.dumps({"contexts": [{"image_id": s["id"], "text": scene_description(Scene.from_dict(s), bins)}
+                                            for s in scenes]}))
+    return out
+
+
 def detection_target(scene: Scene, bins: int = LOC_BINS, labels: Sequence[str] | None = None) -> str:
     """``label x1 y1 x2 y2; ...`` in reading order, as in the scene description: the bridge's detection
     sequence with the location tokens written as numbers (the bridge's location rows start at these numbers'
