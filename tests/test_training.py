@@ -281,3 +281,25 @@ def test_stage2_refuses_a_context_longer_than_its_queries(world, tmp_path):
         "run.steps": 2, "run.context_weight": 1.0}))
     with pytest.raises(ValueError, match="data.contexts"):
         train(cfg, progress=False)
+
+
+def test_stage2_may_use_more_queries_than_its_stage1_copy(world, tmp_path):
+    """keep_alignment with more stage-2 queries: the copy keeps stage 1's count (and its exact queries), the
+    new Q-Former starts from stage 1's queries repeated; the bundle loads back with both counts."""
+    from safetensors.torch import load_file
+
+    from qformer.bundle import load_bundle
+
+    s1 = load_config(CONFIG_DIR / "tiny_stage1.json", overrides(world, tmp_path / "s1", **{"run.steps": 4}))
+    train(s1, progress=False)
+    n1 = s1.model.qformer["num_query_tokens"]
+    cfg = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path / "s2", **{
+        "model.init_from": str(tmp_path / "s1"), "model.keep_alignment": "true", "run.steps": 2,
+        "model.qformer.num_query_tokens": 2 * n1 + 1, "model.num_quality_levels": 0,
+        "data.captions": "captions_{split}.json"}))
+    train(cfg, progress=False)
+    bridge = load_bundle(tmp_path / "s2" / "bundle").bridge
+    assert bridge.cfg.qformer.num_query_tokens == 2 * n1 + 1 and bridge.cfg.alignment_query_tokens == n1
+    s1_queries = load_file(tmp_path / "s1" / "final" / "stage1.safetensors")["qformer.query_tokens"]
+    torch.testing.assert_close(bridge.alignment.qformer.query_tokens.float(), s1_queries, atol=1e-3, rtol=1e-3)
+    assert bridge.aligner.query_output(torch.randn(1, 16, bridge.cfg.vision_hidden_size)).shape[1] == n1
