@@ -249,10 +249,11 @@ def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path,
     decoded at the top level. Caption precision, recall and CIDEr on the clean test split.
     """
     from qformer.bundle import load_bundle
-    from training.evaluate import evaluate_bundle
+    from training.evaluate import encode_split_images, evaluate_captions, load_split
     from training.train import train
 
     data = out / "data"
+    test = load_split(data, "test", plan.eval_n)
     full = json.loads((data / "captions_train_quality.json").read_text())
     top = max(a["quality"] for a in full["annotations"])
     filtered = dict(full, annotations=[a for a in full["annotations"] if a["quality"] == top])
@@ -273,8 +274,8 @@ def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path,
             train(cfg, progress=progress)
         bundle = load_bundle(run / "bundle")
         levels = [bundle.config.num_quality_levels - 1] if bundle.config.num_quality_levels else None
-        res = evaluate_bundle(bundle, data, "test", plan.eval_n, levels=levels, progress=progress)
-        (caption,) = res["captions"].values()
+        feats = encode_split_images(bundle, data, "test", test.images)  # captions only: no VQA, no retrieval
+        (caption,) = evaluate_captions(bundle, feats, test.image_ids, test.caption_anns, levels, test.scenes).values()
         results[name] = {k: caption[k] for k in ("precision", "recall", "cider", "bleu4")}
     target.write_text(json.dumps(results, indent=2, sort_keys=True))
 
