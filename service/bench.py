@@ -176,8 +176,9 @@ async def run_level(client, url: str, image: bytes, name: str, data: dict, reque
             except asyncio.QueueEmpty:
                 return
             start = time.perf_counter()
-            try:
-                resp = await client.post(url, files={"file": (name, image)}, data=data)
+            try:  # image None: `data` names an uploaded image by image_id
+                files = {"file": (name, image)} if image is not None else None
+                resp = await client.post(url, files=files, data=data)
                 status = resp.status_code
             except Exception:
                 status = -1
@@ -210,6 +211,15 @@ async def server_levels(args, base_url: str, image: bytes, image_name: str, labe
             errors = ", ".join(f"{k}:{v}" for k, v in sorted(failures.items())) or "0"
             figures.append(Figures(f"server {label}, {c} client{'s' if c > 1 else ''}", len(lat) / wall,
                                    [x * 1000 for x in lat], errors))
+        if args.cached:  # the same requests about an image encoded once, named by image_id
+            resp = await client.post(base_url.rstrip("/") + "/v1/images", files={"file": (image_name, image)})
+            resp.raise_for_status()
+            by_id = {**data, "image_id": resp.json()["image_id"]}
+            for c in levels:
+                wall, lat, failures = await run_level(client, url, None, image_name, by_id, args.requests, c)
+                errors = ", ".join(f"{k}:{v}" for k, v in sorted(failures.items())) or "0"
+                figures.append(Figures(f"cached {label}, {c} client{'s' if c > 1 else ''}", len(lat) / wall,
+                                       [x * 1000 for x in lat], errors))
     return figures
 
 
@@ -222,6 +232,12 @@ def ratios(figures: list[Figures]) -> list[str]:
     if hf and ours:
         lines.append(f"our loop in process: {ours.per_s / hf.per_s:.2f}x the captions/s of transformers batch 1, "
                      f"p50 {ours.p50 / hf.p50:.2f}x")
+    for f in figures:
+        if f.name.startswith("cached "):
+            upload = next((u for u in figures if u.name == "server " + f.name[len("cached "):]), None)
+            if upload:
+                lines.append(f"{f.name}: by image_id p50 {f.p50:.0f} ms against {upload.p50:.0f} ms uploading the "
+                             f"image: {upload.p50 / f.p50:.2f}x faster")
     servers = [f for f in figures if f.name.startswith("server")]
     for label in dict.fromkeys(f.name.split(",")[0] for f in servers):
         levels = [f for f in servers if f.name.startswith(label + ",")]
@@ -251,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads, here and in started servers (0: default)")
     p.add_argument("--api-key", default=os.environ.get("QBRIDGE_API_KEY"))
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--cached", action="store_true",
+                   help="also ask about the image uploaded once (POST /v1/images) by image_id, and print the speed-up")
     args = p.parse_args(argv)
     if args.requests < 1:
         p.error("--requests must be >= 1")

@@ -186,11 +186,15 @@ def test_bench_runs(live_server, tmp_path, png):
     image = tmp_path / "scene.png"
     image.write_bytes(png)
     out = subprocess.run([sys.executable, "-m", "service.bench", "--url", live_server.url, "--image", str(image),
-                          "--requests", "4", "--concurrency", "1,2", "--max-new-tokens", "2", "--api-key", API_KEY],
+                          "--requests", "4", "--concurrency", "1,2", "--max-new-tokens", "2", "--api-key", API_KEY,
+                          "--endpoint", "vqa", "--cached"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    rows = [line.split(", ")[-1].split() for line in out.stdout.splitlines() if line.startswith("server at")]
-    assert [r[0] for r in rows] == ["1", "2"] and all(r[-1] == "0" for r in rows)  # no errors
+    lines = out.stdout.splitlines()
+    for kind in ("server", "cached"):  # uploaded each time, then by image_id after one POST /v1/images
+        rows = [line.split(", ")[-1].split() for line in lines if line.startswith(f"{kind} at") and "faster" not in line]
+        assert [r[0] for r in rows] == ["1", "2"] and all(r[-1] == "0" for r in rows), kind  # no errors
+    assert any(line.startswith("cached at") and "x faster" in line for line in lines)
 
 
 def test_bench_measures_transformers_our_loop_and_a_server_in_one_run(bundle_dir):
