@@ -281,6 +281,10 @@ def test_stage2_refuses_a_context_longer_than_its_queries(world, tmp_path):
         "run.steps": 2, "run.context_weight": 1.0}))
     with pytest.raises(ValueError, match="data.contexts"):
         train(cfg, progress=False)
+    cfg = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path / "s4", **{
+        "run.steps": 2, "run.context_weight": 1.0, "data.contexts": "contexts_{split}_missing.json"}))
+    with pytest.raises(FileNotFoundError, match="contexts"):
+        train(cfg, progress=False)
 
 
 def test_stage2_may_use_more_queries_than_its_stage1_copy(world, tmp_path):

@@ -135,7 +135,11 @@ def load_contexts(data: DataSection) -> dict[int, str]:
     """``data.contexts`` as {image_id: text} (empty when unset)."""
     if not data.contexts:
         return {}
-    d = _read(Path(data.root) / _fmt(data.contexts, data.split))
+    path = Path(data.root) / _fmt(data.contexts, data.split)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.contexts names {path}, which does not exist (the demo build writes it in its "
+                                "`contexts` step; or set run.context_weight=0)")
+    d = _read(path)
     return {int(c["image_id"]): c["text"] for c in d["contexts"]}
 
 
