@@ -251,6 +251,11 @@ class Bridge(nn.Module):
         """(B, N, Dv) -> soft LLM inputs (B, Q, D)."""
         return self.language_projection(self.query_output(vision_feats))
 
+    def base_input_embeddings(self) -> torch.Tensor:
+        """The frozen LLM's own input table (V, D), without the location rows."""
+        emb = self.llm.get_input_embeddings()
+        return emb.base.weight if isinstance(emb, ExtendedEmbedding) else emb.weight
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(input_ids)
 

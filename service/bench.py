@@ -206,20 +206,18 @@ async def server_levels(args, base_url: str, image: bytes, image_name: str, labe
     async with httpx.AsyncClient(headers=headers, timeout=args.timeout, limits=limits) as client:
         if args.warmup:
             await run_level(client, url, image, image_name, data, args.warmup, 1)
-        for c in levels:
-            wall, lat, failures = await run_level(client, url, image, image_name, data, args.requests, c)
-            errors = ", ".join(f"{k}:{v}" for k, v in sorted(failures.items())) or "0"
-            figures.append(Figures(f"server {label}, {c} client{'s' if c > 1 else ''}", len(lat) / wall,
-                                   [x * 1000 for x in lat], errors))
+        async def measure(kind: str, image_bytes: bytes | None, fields: dict) -> None:
+            for c in levels:
+                wall, lat, failures = await run_level(client, url, image_bytes, image_name, fields, args.requests, c)
+                errors = ", ".join(f"{k}:{v}" for k, v in sorted(failures.items())) or "0"
+                figures.append(Figures(f"{kind} {label}, {c} client{'s' if c > 1 else ''}", len(lat) / wall,
+                                       [x * 1000 for x in lat], errors))
+
+        await measure("server", image, data)
         if args.cached:  # the same requests about an image encoded once, named by image_id
             resp = await client.post(base_url.rstrip("/") + "/v1/images", files={"file": (image_name, image)})
             resp.raise_for_status()
-            by_id = {**data, "image_id": resp.json()["image_id"]}
-            for c in levels:
-                wall, lat, failures = await run_level(client, url, None, image_name, by_id, args.requests, c)
-                errors = ", ".join(f"{k}:{v}" for k, v in sorted(failures.items())) or "0"
-                figures.append(Figures(f"cached {label}, {c} client{'s' if c > 1 else ''}", len(lat) / wall,
-                                       [x * 1000 for x in lat], errors))
+            await measure("cached", None, {**data, "image_id": resp.json()["image_id"]})
     return figures
 
 

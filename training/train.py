@@ -107,33 +107,30 @@ class Stage2(nn.Module):
         queries = self.bridge.project_queries(feats)
         losses = lm_loss(self.bridge(feats, ids, mask, quality, query_embeds=queries).logits, labels)
         if context_ids is not None:
-            table = self.bridge.llm.get_input_embeddings().weight[: self.bridge.cfg.base_vocab_size or None].detach()
-            ctx = context_loss(queries, table, context_ids, self.context_temperature)
+            ctx = context_loss(queries, self.bridge.base_input_embeddings().detach(), context_ids,
+                               self.context_temperature)
             losses["context_loss"] = self.context_weight * ctx["context_loss"]
             losses["context_acc"] = ctx["context_acc"]
         return losses
 
 
-def context_targets(tokenizer, contexts: dict[int, str], slots: int) -> dict[int, list[int]]:
-    """Each image's context as token ids, for query slots ``0..len-1``; a context longer than the queries
-    cannot be written by them, and stops the run before it starts."""
+def context_targets(tokenizer, contexts: dict[int, str], slots: int) -> dict[int, torch.Tensor]:
+    """Each image's context as ``slots`` token ids, left-aligned, -100 on the free slots; a context longer
+    than the queries cannot be written by them, and stops the run before it starts."""
     out = {}
     for image_id, text in contexts.items():
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > slots:
             raise ValueError(f"the context of image {image_id} is {len(ids)} tokens, the bridge has {slots} queries: "
                              "raise model.qformer.num_query_tokens or shorten the contexts")
-        out[image_id] = ids
+        out[image_id] = torch.tensor(ids + [-100] * (slots - len(ids)), dtype=torch.long)
     return out
 
 
-def context_batch(targets: dict[int, list[int]], image_ids: list[int], slots: int) -> torch.Tensor:
-    """(B, slots) token ids left-aligned, -100 on free slots and for images without a context."""
-    out = torch.full((len(image_ids), slots), -100, dtype=torch.long)
-    for row, image_id in enumerate(image_ids):
-        ids = targets.get(image_id, ())
-        out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out
+def context_batch(targets: dict[int, torch.Tensor], image_ids: list[int], slots: int) -> torch.Tensor:
+    """(B, slots): the batch's rows of :func:`context_targets`; all -100 for an image without a context."""
+    none = torch.full((slots,), -100, dtype=torch.long)
+    return torch.stack([targets.get(image_id, none) for image_id in image_ids])
 
 
 STAGE1_TRAINABLE = list(STAGE1_PARTS)
@@ -463,17 +460,17 @@ def init_stage2(bridge: Bridge, run_dir: str | Path) -> None:
     """Start stage 2 from a stage-1 run: its ln_vision + Q-Former, strictly. With a stage-1 copy
     (``BridgeConfig.alignment_qformer``) the whole of stage 1 goes into ``bridge.alignment`` and its query
     path into the Q-Former that stage 2 trains (which has no text branch to receive the rest)."""
-    init, final = load_stage1(run_dir)
+    stage1, final = load_stage1(run_dir)
     source = f"{final / 'stage1.safetensors'} (not a stage-1 run of this architecture?)"
-    init = {k: v for k, v in init.items()}
-    want = bridge.qformer.query_tokens.shape
-    if "qformer.query_tokens" in init and init["qformer.query_tokens"].shape != want and bridge.alignment is not None:
-        init["qformer.query_tokens"] = _more_queries(init["qformer.query_tokens"], want[1])
     if bridge.alignment is None:
-        load_trainable(bridge, init, STAGE1_PARTS, source=source)
+        load_trainable(bridge, stage1, STAGE1_PARTS, source=source)
         return
-    stage1 = load_stage1(run_dir)[0]  # the copy keeps stage 1's own queries
+    # The copy keeps stage 1's own queries; the trained Q-Former may have more (repeated from them).
     load_trainable(bridge, {f"alignment.{k}": v for k, v in stage1.items()}, ("alignment.",), source=source)
+    init = dict(stage1)
+    want = bridge.qformer.query_tokens.shape[1]
+    if "qformer.query_tokens" in init and init["qformer.query_tokens"].shape[1] != want:
+        init["qformer.query_tokens"] = _more_queries(init["qformer.query_tokens"], want)
     query_path = set(k for k in bridge.trainable_state_dict() if k.startswith(STAGE1_PARTS))
     load_trainable(bridge, {k: v for k, v in init.items() if k in query_path}, STAGE1_PARTS, source=source)
 

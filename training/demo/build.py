@@ -263,7 +263,7 @@ def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path,
         "b_filtered": ["model.num_quality_levels=0", "data.captions=captions_{split}_filtered.json"],
         "c_quality_top": [],
     }
-    results = {}
+    results, feats = {}, None
     for name, extra in variants.items():
         run = out / "ablation" / name
         cfg = load_config(CONFIG_DIR / "demo_stage2.json", [
@@ -274,7 +274,8 @@ def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path,
             train(cfg, progress=progress)
         bundle = load_bundle(run / "bundle")
         levels = [bundle.config.num_quality_levels - 1] if bundle.config.num_quality_levels else None
-        feats = encode_split_images(bundle, data, "test", test.images)  # captions only: no VQA, no retrieval
+        if feats is None:  # one frozen tower for every variant; captions only: no VQA, no retrieval
+            feats = encode_split_images(bundle, data, "test", test.images)
         (caption,) = evaluate_captions(bundle, feats, test.image_ids, test.caption_anns, levels, test.scenes).values()
         results[name] = {k: caption[k] for k in ("precision", "recall", "cider", "bleu4")}
     target.write_text(json.dumps(results, indent=2, sort_keys=True))
