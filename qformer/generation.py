@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from qformer.bridge import Bridge, LLMInputs, left_align
+from qformer.llama_step import LlamaStep, unsupported
 
 
 @dataclass(frozen=True)
@@ -250,11 +251,15 @@ class Sequence:
 class Decoder:
     """Greedy and sampled decoding over a `SlotCache`; sequences join (`add`) and leave between steps.
 
-    Not thread-safe: one thread (the engine's model thread) calls `add`, `step` and `remove`.
+    A Llama LLM runs through `LlamaStep` (its forward written out over the same weights; `plain=True`, or
+    another architecture, runs transformers' forward). Not thread-safe: one thread (the engine's model
+    thread) calls `add`, `step` and `remove`.
     """
 
-    def __init__(self, bridge: Bridge, tokenizer: PreTrainedTokenizerBase, max_rows: int, max_len: int):
+    def __init__(self, bridge: Bridge, tokenizer: PreTrainedTokenizerBase, max_rows: int, max_len: int,
+                 plain: bool = False):
         self.llm = bridge.llm
+        self.fast = None if plain or unsupported(self.llm) else LlamaStep(self.llm)
         self.embed = self.llm.get_input_embeddings()
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id
@@ -344,10 +349,12 @@ class Decoder:
         # fully masked row, whose NaN would reach the next layer's keys).
         seen = (k[None, None, :] >= start[:, None, None]) & (k[None, None, :] <= q[None, :, None])
         seen |= k[None, None, :] == q[None, :, None]
-        mask = torch.zeros(seen.shape, device=self.device, dtype=self.dtype)
-        mask.masked_fill_(~seen, torch.finfo(self.dtype).min)
         positions = (q[None, :] - start[:, None]).clamp(min=0)  # (m, q)
         self.cache.rows, self.cache.columns, self.cache.window = rows, columns, window
+        if self.fast is not None:
+            return self.fast(x, seen[:, None], positions, self.cache)
+        mask = torch.zeros(seen.shape, device=self.device, dtype=self.dtype)
+        mask.masked_fill_(~seen, torch.finfo(self.dtype).min)
         out = self.llm(inputs_embeds=x, attention_mask=mask[:, None], position_ids=positions,
                        past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()

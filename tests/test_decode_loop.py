@@ -122,3 +122,90 @@ def test_a_row_that_does_not_fit_is_refused(model):
     decoder.add(rows, [Sequence(GenerationConfig(max_new_tokens=3), rows[0].shape[0])])
     with pytest.raises(ValueError, match="free"):
         decoder.add(rows, [Sequence(GenerationConfig(max_new_tokens=3), rows[0].shape[0])])
+
+
+def test_a_llama_decodes_through_the_written_out_step_and_others_through_transformers(model):
+    bridge, tok, q = model
+    fast = Decoder(bridge, tok, 2, 64).fast
+    assert (fast is not None) == (bridge.llm.config.model_type == "llama")
+    assert Decoder(bridge, tok, 2, 64, plain=True).fast is None
+
+
+def test_the_written_out_step_gives_the_plain_forwards_tokens_and_logprobs(model):
+    bridge, tok, q = model
+    if bridge.llm.config.model_type != "llama":
+        pytest.skip("the written-out step is Llama's")
+    config = GenerationConfig(max_new_tokens=12)
+    rows = row_embeddings(prepare_inputs(bridge, tok, q, PROMPTS, None))
+    got = {}
+    for plain in (True, False):
+        decoder = Decoder(bridge, tok, len(rows), 64, plain=plain)
+        seqs = [Sequence(config, r.shape[0]) for r in rows]
+        decoder.add(rows[:2], seqs[:2])  # the third joins a running batch
+        decoder.step()
+        decoder.add(rows[2:], seqs[2:])
+        while decoder.running:
+            decoder.step()
+        got[plain] = seqs
+    assert [s.ids for s in got[True]] == [s.ids for s in got[False]]
+    for a, b in zip(got[True], got[False]):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_fusing_the_projections_keeps_one_copy_and_the_models_own_forward():
+    from qformer.llama_step import LlamaStep
+
+    bridge, tok, proc = tiny_bridge(llm_kind="llama")
+    llm = bridge.llm.eval()
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        before = llm(input_ids=ids).logits
+        n_before = sum(p.numel() for p in llm.parameters())
+        step = LlamaStep(llm)
+        after = llm(input_ids=ids).logits
+    assert torch.equal(before, after)
+    assert sum(p.numel() for p in llm.parameters()) == n_before
+    attn = llm.model.layers[0].self_attn
+    fused = step.layers[0][2]
+    assert attn.q_proj.weight.data_ptr() == fused.data_ptr()  # q, k, v are views of the fused weight
+    assert attn.k_proj.weight.data_ptr() == fused[attn.q_proj.out_features:].data_ptr()
+
+
+def test_layers_that_are_not_plain_linears_take_the_plain_forward():
+    from qformer.llama_step import unsupported
+
+    bridge, _, _ = tiny_bridge(llm_kind="llama")
+    assert unsupported(bridge.llm) is None
+
+    class QuantisedLinear(torch.nn.Linear):  # what bitsandbytes' Linear8bitLt / Linear4bit look like
+        pass
+
+    attn = bridge.llm.model.layers[1].self_attn
+    old = attn.v_proj
+    attn.v_proj = QuantisedLinear(old.in_features, old.out_features, bias=False)
+    assert "QuantisedLinear" in unsupported(bridge.llm)
+    opt, _, _ = tiny_bridge(llm_kind="opt")
+    assert "not llama" in unsupported(opt.llm)
+
+
+@pytest.mark.parametrize("extra", [{}, {"attention_bias": True, "mlp_bias": True},
+                                   {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}])
+def test_the_written_out_step_equals_llamas_forward(extra):
+    import transformers as T
+
+    from qformer.generation import SlotCache
+    from qformer.llama_step import LlamaStep
+
+    torch.manual_seed(0)
+    llm = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=37, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, **extra)).eval()
+    for p in llm.parameters():  # biases start at zero: make them count
+        p.data.normal_(0, 0.2)
+    ids = torch.tensor([[3, 14, 15, 9, 2, 6]])
+    with torch.no_grad():
+        want = llm(input_ids=ids).logits[:, -1]
+        cache = SlotCache(2, 1, 8)
+        cache.rows, cache.columns, cache.window = slice(0, 1), torch.arange(6), slice(0, 6)
+        mask = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
+        got = LlamaStep(llm)(llm.get_input_embeddings()(ids), mask, torch.arange(6)[None], cache)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
