@@ -7,6 +7,7 @@
       qformer_tokenizer/    the Q-Former's text tokenizer (bundles with the stage-1 text branch only)
       image_processor/      the vision encoder's preprocessing
       vision/, llm/         frozen components when embedded (transformers format, safetensors)
+      tasks/NAME.safetensors  optional task prompts (soft prompt vectors, `qbridge train prompt`; qformer.tasks)
 
 Frozen components may instead be referenced by hub id or path, with a sha256 of their weights checked on
 load. Loading is strict (exact keys and shapes), safetensors only: pickle files are refused, never opened.
@@ -19,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from qformer.bridge import Bridge, load_llm, load_vision_encoder
 from qformer.config import BridgeConfig, ComponentRef
+from qformer.tasks import TaskPrompt, load_tasks
 
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -45,6 +47,7 @@ class Bundle:
     image_processor: object
     path: Path
     qformer_tokenizer: object | None = None
+    tasks: dict[str, TaskPrompt] = field(default_factory=dict)  # task prompts by name (qformer.tasks)
 
     @property
     def config(self) -> BridgeConfig:
@@ -197,9 +200,13 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     qformer_tokenizer = None
     if (bundle_dir / "qformer_tokenizer").is_dir():
         qformer_tokenizer = AutoTokenizer.from_pretrained(bundle_dir / "qformer_tokenizer")
+    try:
+        tasks = load_tasks(bundle_dir, llm.config.get_text_config().hidden_size)
+    except ValueError as e:
+        raise BundleError(str(e)) from None
     if cfg.llm_quantization is None:
         bridge.to(device)
-    return Bundle(bridge.eval(), tokenizer, image_processor, bundle_dir, qformer_tokenizer)
+    return Bundle(bridge.eval(), tokenizer, image_processor, bundle_dir, qformer_tokenizer, tasks)
 
 
 def load_trainable(bridge: Bridge, state: dict[str, torch.Tensor], prefixes: tuple[str, ...] = (),

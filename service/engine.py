@@ -49,6 +49,7 @@ from PIL import Image
 
 from qformer import alignment
 from qformer.generation import GenerationConfig, Generated
+from qformer.tasks import with_task
 from service.batching import _ContinuousStage, _Item, _Rows, _Stage
 from service.cache import CachedImage, ImageCache
 from service.errors import BadRequest, DeadlineExceeded, InternalError, NotFound, Overloaded, ServiceError
@@ -106,6 +107,7 @@ class Job:
     quality: int | None = None  # one level for every row, or None (no quality prompt)
     image: Image.Image | None = None
     image_id: str | None = None
+    task: str | None = None  # a task prompt of the bundle, by name: its vectors follow the queries (qformer.tasks)
 
 
 @dataclass
@@ -212,6 +214,7 @@ class Engine:
         self._generator: _Stage | None = None
         self._aligner: _Stage | None = None
         self.qformer_tokenizer = getattr(bundle, "qformer_tokenizer", None)
+        self.tasks = dict(getattr(bundle, "tasks", None) or {})  # task prompts by name
 
     # --- model facts the routes need
     @property
@@ -376,6 +379,9 @@ class Engine:
             return await self._run_embed(ticket, job)
         if not job.prompts:
             raise BadRequest("nothing to generate")
+        if job.task is not None and job.task not in self.tasks:
+            raise BadRequest(f"unknown task {job.task!r}; GET /v1/models lists this model's tasks",
+                             code="unknown_task", param="task")
         size = None
         if job.image_id is not None:
             entry = self.cache.get(job.image_id)
@@ -389,11 +395,14 @@ class Engine:
         else:
             raise BadRequest("no image")
         n = len(job.prompts)
+        if job.task is not None:
+            queries = with_task(queries, self.tasks[job.task].vectors)
         rows = _Rows(queries.unsqueeze(0).expand(n, *queries.shape), list(job.prompts),
                      [job.quality] * n if job.quality is not None else None, job.config,
-                     self.row_lengths(job.prompts, job.quality))
-        # Seeded sampling runs alone: one seed per batch is what makes it reproducible.
-        key: Hashable = (job.config, job.quality is not None) if job.config.seed is None else object()
+                     self.row_lengths(job.prompts, job.quality, job.task))
+        # Seeded sampling runs alone: one seed per batch is what makes it reproducible. Rows of one batch
+        # share a prefix length: the task (its vectors' count) is part of the key.
+        key: Hashable = (job.config, job.quality is not None, job.task) if job.config.seed is None else object()
         outputs, seconds = await self._submit(self._generator, ticket, key, n, rows)
         ticket.timings.generate_ms = seconds * 1000
         t = ticket.timings
@@ -511,10 +520,11 @@ class Engine:
             self.metrics.rejected.labels("cancelled").inc()
             raise
 
-    def row_lengths(self, prompts: list[str], quality: int | None) -> list[int]:
-        """LLM input positions per prompt row: quality prompt + queries + text tokens."""
+    def row_lengths(self, prompts: list[str], quality: int | None, task: str | None = None) -> list[int]:
+        """LLM input positions per prompt row: quality prompt + queries + task vectors + text tokens."""
         cfg = self.bridge.cfg
         prefix = cfg.qformer.num_query_tokens + (cfg.quality_prompt_len if quality is not None else 0)
+        prefix += self.tasks[task].num_vectors if task is not None else 0
         return [prefix + len(ids) for ids in self.tokenizer(prompts).input_ids]
 
     def prompt_tokens(self, prompts: list[str], quality: int | None) -> int:

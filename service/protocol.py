@@ -83,6 +83,9 @@ class VQARequest(ImageSource, GenerationParams):
     questions: list[str] | None = Field(
         None, description="several questions about the same image, answered together (at most 16)"
     )
+    task: str | None = Field(
+        None, max_length=64, description="a task prompt by name (GET /v1/models lists them): its learned vectors "
+        "follow the image's queries; without a question, the question the task was trained with")
 
 
 class DetectRequest(ImageSource, GenerationParams):
@@ -274,6 +277,14 @@ class QualityLevel(_Out):
     name: str
 
 
+class TaskInfo(_Out):
+    name: str
+    description: str
+    question: str = Field(description="the question it was trained with; asked when a request sends none")
+    vectors: int = Field(description="learned soft prompt vectors (prompt tuning)")
+    figures: dict[str, float | int | str] = Field(description="accuracy before and after training, and its cost")
+
+
 class ModelCapabilities(_Out):
     quality_levels: list[QualityLevel]
     default_quality: int | None
@@ -285,6 +296,7 @@ class ModelCapabilities(_Out):
     device: str
     max_new_tokens: int
     limits: dict[str, int]
+    tasks: list[TaskInfo] = Field(default_factory=list, description="task prompts a /v1/vqa request picks by `task`")
 
 
 class ModelCard(_Out):

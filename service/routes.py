@@ -72,6 +72,7 @@ from service.protocol import (
     ModelList,
     QualityInfo,
     QualityLevel,
+    TaskInfo,
     TextMatch,
     Timings,
     Usage,
@@ -257,7 +258,13 @@ async def vqa(request: Request):
     req = parsed.model
     if req.question is not None and req.questions is not None:
         raise BadRequest("send 'question' or 'questions', not both", param="question", code="invalid_question")
-    if req.question is not None:
+    task = engine.tasks.get(req.task) if req.task is not None else None
+    if req.task is not None and task is None:
+        known = ", ".join(sorted(engine.tasks)) or "none"
+        raise BadRequest(f"unknown task; this model's tasks: {known}", param="task", code="unknown_task")
+    if task is not None and req.question is None and req.questions is None and task.question:
+        questions = [task.question]
+    elif req.question is not None:
         questions = [check_question(req.question, state.limits, param="question")]
     else:
         raw = req.questions or []
@@ -268,7 +275,7 @@ async def vqa(request: Request):
     config = generation_config(req, DEFAULT_MAX_NEW_TOKENS["vqa"])
     fields, _ = await image_job_fields(state, image_source(parsed))
     prompts = [engine.model_config.prompts.vqa_prompt(q) for q in questions]
-    job = Job(prompts=prompts, config=config, **fields)  # no quality prompt: as trained
+    job = Job(prompts=prompts, config=config, task=req.task, **fields)  # no quality prompt: as trained
     try:
         result = await run_job(request, engine, job)
     except ClientGone:
@@ -519,6 +526,8 @@ async def models(request: Request):
         detection=bool(cfg.num_loc_bins), num_loc_bins=cfg.num_loc_bins, alignment=engine.can_align,
         embedding_dim=engine.embed_dim, backend=engine.backend.name, device=engine.device,
         max_new_tokens=MAX_NEW_TOKENS,
+        tasks=[TaskInfo(name=t.name, description=t.description, question=t.question, vectors=t.num_vectors,
+                        figures=t.figures) for t in engine.tasks.values()],
         limits={"max_body_bytes": limits.max_body_bytes, "max_image_bytes": limits.max_image_bytes,
                 "max_pixels": limits.max_pixels, "max_images": limits.max_images,
                 "max_questions": limits.max_questions, "max_question_chars": limits.max_question_chars,

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from qformer.boxes import BoxCodec, Detection, reading_order_key
 from qformer.prompts import TaskPrompts
 from training.config import DataSection
+from training.losses import lm_labels
 from training.datasets import IMAGE_ERRORS, IMAGE_EXTS, KEY_EXT, expand_shards, load_rgb
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,23 @@ def detection_target(example: Example, codec: BoxCodec) -> str:
     w, h = example.size
     objs = sorted(example.objects, key=lambda o: reading_order_key(o[1], w, h))
     return codec.encode([Detection(label, box) for label, box in objs], w, h)
+
+
+def tokenize_stage2(tokenizer, examples: list[Example], max_tokens: int, targets: list[str]):
+    """Right-padded `BOS prompt target EOS` rows and labels that score only `target EOS`."""
+    rows, prompt_lens = [], []
+    for e, target in zip(examples, targets):
+        prompt = tokenizer(e.prompt).input_ids
+        answer = tokenizer(" " + target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append((prompt + answer)[:max_tokens])
+        prompt_lens.append(len(prompt))
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask, lm_labels(ids, mask, torch.tensor(prompt_lens))
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int, rank: int, world_size: int, stream: str = "") -> list[int]:

@@ -44,10 +44,11 @@ from training.data import (
     detection_examples,
     detection_target,
     load_contexts,
+    tokenize_stage2,
     vqa_examples,
 )
 from training.parts import DEC_TOKEN, STAGE1_PARTS, Parts, build_parts
-from training.losses import context_loss, gather_with_grad, itc_loss, itg_loss, itm_loss, lm_labels, lm_loss, sample_hard_negatives
+from training.losses import context_loss, gather_with_grad, itc_loss, itg_loss, itm_loss, lm_loss, sample_hard_negatives
 
 class Stage1(nn.Module):
     """ITC + ITM + ITG over ln_vision and the Q-Former (LAVIS `Blip2Qformer.forward`, without process-group calls)."""
@@ -187,23 +188,6 @@ def lr_lambda(cfg: TrainConfig):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
-
-
-def tokenize_stage2(tokenizer, examples: list[Example], max_tokens: int, targets: list[str]):
-    """Right-padded `BOS prompt target EOS` rows and labels that score only `target EOS`."""
-    rows, prompt_lens = [], []
-    for e, target in zip(examples, targets):
-        prompt = tokenizer(e.prompt).input_ids
-        answer = tokenizer(" " + target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        rows.append((prompt + answer)[:max_tokens])
-        prompt_lens.append(len(prompt))
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask, lm_labels(ids, mask, torch.tensor(prompt_lens))
 
 
 def _seed(cfg: TrainConfig, step: int, rank: int) -> int:
@@ -485,7 +469,8 @@ def _more_queries(tokens: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train a bridge: stage1 (ITC+ITM+ITG), quality (score and bin pairs), stage2 (LM loss)."""
+    """Train a bridge: stage1 (ITC+ITM+ITG), quality (score and bin pairs), stage2 (LM loss), prompt (a task
+    prompt for a new task, everything else frozen)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="qbridge train", description=main.__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -499,7 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--config", required=True, help="the stage-1 config (for the vision tower and data)")
     q.add_argument("--levels", type=int, default=4)
     q.add_argument("--out", default=None, help="captions JSON to write (default: DATA/captions_<split>_quality.json)")
+    t = sub.add_parser("prompt", help="prompt tuning: learn a few soft prompt vectors for a new task, written "
+                                      "into the bundle as tasks/NAME.safetensors (training/prompt.py)")
+    from training import prompt
+
+    prompt.add_arguments(t)
     args = p.parse_args(argv)
+    if args.cmd == "prompt":
+        return prompt.run(args)
     if args.cmd == "quality":
         from training.quality import score_and_bin
 
