@@ -4,11 +4,14 @@ A task prompt is `P` vectors in the LLM's input space, read right after the imag
 `[quality][queries][task prompt][BOS prompt]`. Everything else stays frozen, so one bundle serves many
 tasks and a request picks one by name (`task`). Each lives in the bundle as
 `tasks/<name>.safetensors`: the tensor `vectors` (P, D), and in the header's metadata the task's
-description, the question it was trained with and how it scored (`qbridge train prompt` writes it).
+description, the question it was trained with, how it scored (`qbridge train prompt` writes it) and the
+sha256 of the bundle's model.safetensors it was trained against: the vectors mean something only after
+those queries, so a bundle whose bridge was retrained (or souped) refuses its stale tasks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -50,18 +53,29 @@ def save_task(bundle_dir: str | os.PathLike, task: TaskPrompt) -> Path:
     out.mkdir(exist_ok=True)
     path = out / f"{task.name}.safetensors"
     meta = {"name": task.name, "description": task.description, "question": task.question,
-            "figures": json.dumps(task.figures)}
+            "figures": json.dumps(task.figures), "bridge_sha256": bridge_sha256(bundle_dir)}
     tmp = path.with_suffix(".tmp")
     save_file({"vectors": task.vectors.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
 
 
+def bridge_sha256(bundle_dir: str | os.PathLike) -> str:
+    """The sha256 of the bundle's trainable weights (model.safetensors)."""
+    h = hashlib.sha256()
+    with open(Path(bundle_dir) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_tasks(bundle_dir: str | os.PathLike, hidden_size: int) -> dict[str, TaskPrompt]:
-    """Every task prompt in the bundle, by name; a file that is not one, or whose vectors do not fit an
-    LLM of `hidden_size`, is an error naming the file."""
+    """Every task prompt in the bundle, by name; a file that is not one, whose vectors do not fit an LLM
+    of `hidden_size`, or that was trained against other bridge weights, is an error naming the file."""
     tasks = {}
-    for path in sorted((Path(bundle_dir) / TASKS_DIR).glob("*.safetensors")):
+    files = sorted((Path(bundle_dir) / TASKS_DIR).glob("*.safetensors"))
+    bridge = bridge_sha256(bundle_dir) if files else None
+    for path in files:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if set(f.keys()) != {"vectors"}:
@@ -71,6 +85,9 @@ def load_tasks(bundle_dir: str | os.PathLike, hidden_size: int) -> dict[str, Tas
         if name != path.stem:
             raise ValueError(f"{path}: its metadata names task {name!r}, not {path.stem!r}")
         check_name(name)
+        if meta.get("bridge_sha256") != bridge:
+            raise ValueError(f"{path}: trained against other bridge weights than this bundle's model.safetensors; "
+                             f"train it again (`qbridge train prompt --name {name}`) or remove it")
         if vectors.ndim != 2 or vectors.shape[1] != hidden_size or vectors.shape[0] == 0:
             raise ValueError(f"{path}: vectors {tuple(vectors.shape)} do not fit the LLM (need (P, {hidden_size}))")
         tasks[name] = TaskPrompt(name, vectors, meta.get("description", ""), meta.get("question", ""),

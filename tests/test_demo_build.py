@@ -98,6 +98,10 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     report = (out / "REPORT.md").read_text()
     assert "## Gates" in report and "| vision | shape |" in report and "| llm | vqa_accuracy |" in report
     assert (out / "stage2" / "bundle" / "qbridge.json").exists()
+    from qformer.bundle import load_bundle  # the build prompt-tunes the new task into the bundle
+
+    task = load_bundle(out / "stage2" / "bundle").tasks["largest-colour"]
+    assert task.figures["steps"] == 4 and "## A new task by prompt tuning: `largest-colour`" in report
     llm = json.loads((out / "llm" / "pretrain.json").read_text())  # the LLM's second phase continued the first
     assert llm["init_from"] == str(out / "llm") and llm["n_questions"] == 16 and llm["answer_weight"] == 2.0
     bundle = json.loads((out / "stage2" / "bundle" / "qbridge.json").read_text())["config"]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qformer.bundle import BundleError, load_bundle, save_bundle
-from qformer.tasks import TaskPrompt, check_name, load_tasks, save_task, with_task
+from qformer.tasks import TaskPrompt, bridge_sha256, check_name, load_tasks, save_task, with_task
 from tests.tiny import tiny_bridge
 from training.demo import new_task, shapes
 
@@ -32,15 +32,21 @@ def test_task_files_that_do_not_fit_are_refused_with_their_name(tmp_path):
     path = save_bundle(bridge, tok, proc, tmp_path / "b")
     width = bridge.llm.config.hidden_size
     (path / "tasks").mkdir()
-    save_file({"vectors": torch.zeros(2, width + 1)}, str(path / "tasks" / "wide.safetensors"), metadata={"name": "wide"})
+    sha = bridge_sha256(path)
+    save_file({"vectors": torch.zeros(2, width + 1)}, str(path / "tasks" / "wide.safetensors"),
+              metadata={"name": "wide", "bridge_sha256": sha})
     with pytest.raises(BundleError, match=r"wide.safetensors: vectors \(2, 49\) do not fit"):
         load_bundle(path)
-    save_file({"vectors": torch.zeros(2, width)}, str(path / "tasks" / "wide.safetensors"), metadata={"name": "other"})
+    save_file({"vectors": torch.zeros(2, width)}, str(path / "tasks" / "wide.safetensors"), metadata={"name": "other", "bridge_sha256": sha})
     with pytest.raises(BundleError, match="names task 'other', not 'wide'"):
         load_bundle(path)
     save_file({"vectors": torch.zeros(2, width), "x": torch.zeros(1)}, str(path / "tasks" / "wide.safetensors"),
-              metadata={"name": "wide"})
+              metadata={"name": "wide", "bridge_sha256": sha})
     with pytest.raises(BundleError, match="one tensor, 'vectors'"):
+        load_bundle(path)
+    save_file({"vectors": torch.zeros(2, width)}, str(path / "tasks" / "wide.safetensors"),
+              metadata={"name": "wide", "bridge_sha256": "0" * 64})
+    with pytest.raises(BundleError, match="trained against other bridge weights.*--name wide"):
         load_bundle(path)
     assert load_tasks(tmp_path / "nowhere", width) == {}
 

@@ -66,7 +66,7 @@ def task_accuracy(bundle: Bundle, examples: list[Example], rows: dict[int, int],
 def train_prompt(model: str | Path, data: str | Path, name: str, *, questions: str = "questions_{split}.json",
                  answers: str = "annotations_vqa_{split}.json", steps: int = 300, vectors: int = 8,
                  lr: float = 3e-2, batch_size: int = 32, warmup: int = 20, eval_split: str = "test",
-                 eval_n: int = 500, description: str = "", seed: int = 0, progress: bool = True) -> TaskPrompt:
+                 eval_n: int | None = 500, description: str = "", seed: int = 0, progress: bool = True) -> TaskPrompt:
     """Learn `vectors` soft prompt vectors for the task in `data`'s train split; score it on `eval_split`
     before and after; write it into the bundle at `model` as task `name`."""
     check_name(name)

@@ -53,6 +53,7 @@ class Plan:
     stage1_steps: int = 3200
     stage2_steps: int = 3000
     ablation_steps: int = 300
+    task_steps: int = 300  # prompt tuning of the demo's new task (training/demo/new_task.py)
     eval_n: int | None = None  # all test images
     gate_n: int = 200  # val scenes of the LLM's oracle gate
     probe_scenes: tuple = (1500, 500)  # (train scenes fit, val scenes scored) of the vision tower's probes
@@ -63,18 +64,20 @@ class Plan:
 
 
 QUICK = Plan(n_train=64, n_test=8, n_heldout=4, image_size=64, data_size=64, llm_steps=10, llm_refine_steps=4,
-             vision_steps=10, stage1_steps=10, stage2_steps=12, ablation_steps=4, eval_n=8, gate_n=4, probe_scenes=(16, 8), quick=True)
+             vision_steps=10, stage1_steps=10, stage2_steps=12, ablation_steps=4, task_steps=4, eval_n=8, gate_n=4, probe_scenes=(16, 8), quick=True)
+DEMO_TASK = "largest-colour"  # the task prompt the build trains into the demo bundle
 # Stage 1's gate: val image->text R@1 before its alignment scores become quality levels.
 STAGE1_GATE = 0.80
 
 
 STEP_NAMES = ("data", "tokenizer", "llm", "llm gate", "vision", "vision gate", "stage 1", "stage 1 gate", "quality",
-              "contexts", "stage 2", "evaluation", "ablation")
+              "contexts", "stage 2", "evaluation", "task", "ablation")
 # What each step reads: `--only STEP` needs these steps' outputs, and no others (the vision tower does not
 # wait for the LLM).
 NEEDS = {"data": (), "tokenizer": (), "llm": ("tokenizer",), "llm gate": ("data", "llm"), "vision": (),
          "vision gate": ("vision",), "stage 1": ("data", "tokenizer", "vision"), "stage 1 gate": ("stage 1",),
          "quality": ("stage 1",), "contexts": ("data",), "stage 2": ("quality", "contexts", "llm"), "evaluation": ("stage 2",),
+         "task": ("stage 2",),
          "ablation": ("quality", "contexts", "llm")}
 
 
@@ -157,7 +160,7 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
     data, llm, vision, gates = out / "data", out / "llm", out / "vision", out / "gates"
     # Minutes each step took on 2 idle CPU cores (the ETA's weights).
     steps = Steps({"data": 0.4, "tokenizer": 0.02, "llm": 8, "llm gate": 1, "vision": 10, "vision gate": 1,
-                   "stage 1": 30, "stage 1 gate": 0.5, "quality": 1, "contexts": 0.02, "stage 2": 12, "evaluation": 3, "ablation": 7},
+                   "stage 1": 30, "stage 1 gate": 0.5, "quality": 1, "contexts": 0.02, "stage 2": 12, "evaluation": 3, "task": 3, "ablation": 7},
                   out / "timings.json", only)
     paths = [f"model.vision={vision}", f"model.llm={llm}", f"data.root={data}"]
     enforce = enforce_gates and not plan.quick  # a smoke build's tiny parts cannot pass a gate
@@ -233,10 +236,20 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
         report_json.write_text(json.dumps(results, indent=2))  # keeps the level order
 
     steps.run("evaluation", report_json, evaluate)
+
+    def prompt_task():  # prompt tuning on a task stage 2 never saw (issue: cheap adaptation)
+        from training.demo import new_task
+        from training.prompt import train_prompt
+
+        new_task.write_task(data)
+        train_prompt(bundle_dir, data, DEMO_TASK, questions=new_task.FILES[0], answers=new_task.FILES[1],
+                     steps=plan.task_steps, eval_n=plan.eval_n, description=new_task.DESCRIPTION, progress=progress)
+
+    steps.run("task", bundle_dir / "tasks" / f"{DEMO_TASK}.safetensors", prompt_task)
     ablation_json = out / "ablation.json"
     steps.run("ablation", ablation_json, lambda: ablation(out, plan, paths, cache, ablation_json, progress),
               clear=(out / "ablation",))
-    if only is None or only in ("evaluation", "ablation"):
+    if only is None or only in ("evaluation", "task", "ablation"):
         if report_json.exists() and ablation_json.exists():
             write_report(out, plan)
     return bundle_dir
@@ -326,6 +339,21 @@ def write_report(out: Path, plan: Plan) -> None:
               "| task | own context | another scene's |", "|---|---:|---:|"]
     for task in sorted(k[len("context_"):-len("_loss")] for k in llm if k.startswith("context_")):
         lines.append(f"| {task} | {llm[f'context_{task}_loss']:.3f} | {llm[f'wrong_context_{task}_loss']:.3f} |")
+    task_file = out / "stage2" / "bundle" / "tasks" / f"{DEMO_TASK}.safetensors"
+    if task_file.is_file():
+        from qformer.tasks import load_tasks
+
+        bundle = task_file.parents[1]
+        width = json.loads((bundle / "llm" / "config.json").read_text())["hidden_size"]
+        task = load_tasks(bundle, width)[DEMO_TASK]
+        f = task.figures
+        lines += ["", f"## A new task by prompt tuning: `{DEMO_TASK}`", "",
+                  f"\"{task.question}\" was never asked in training. {f['trained_parameters']} parameters "
+                  f"({task.num_vectors} soft prompt vectors) learned it in {f['steps']} steps ({f['minutes']:.1f} "
+                  f"min on {f['threads']} threads), all else frozen; accuracy on {f['eval_questions']} "
+                  f"{f['eval_split']} questions (`POST /v1/vqa` with `\"task\": \"{DEMO_TASK}\"`):", "",
+                  "| asked | accuracy |", "|---|---:|",
+                  f"| in words alone | {f['accuracy_before']:.3f} |", f"| after the task's vectors | {f['accuracy_after']:.3f} |"]
     if timings:
         lines += ["", "## Build time", "", "| step | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()] + [f"| total | {sum(timings.values()):.0f} |"]

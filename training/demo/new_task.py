@@ -19,6 +19,7 @@ from training.demo.shapes import Obj, Scene
 
 QUESTION = "which colour is the largest object?"
 QUESTION_TYPE = "largest colour"
+DESCRIPTION = "the colour of the largest object (prompt tuning; the demo never trained on this question)"
 FILES = ("questions_largest_{split}.json", "annotations_largest_{split}.json")
 
 
