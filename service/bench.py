@@ -262,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--question", default="what is in the image?", help="for --endpoint vqa")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2, help="requests sent before measuring")
-    p.add_argument("--threads", type=int, default=0, help="torch threads, here and in started servers (0: default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in process, and in started servers unless "
+                   "--server-threads (0: torch's default)")
+    p.add_argument("--server-threads", type=int, default=None,
+                   help="torch threads of started servers (default: --threads, or the server's own default)")
     p.add_argument("--api-key", default=os.environ.get("QBRIDGE_API_KEY"))
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--cached", action="store_true",
@@ -296,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     for url, backend, label in servers:
         proc = None
         if url is None:
-            proc, url = start_server(args.model, backend, max(levels), args.threads)
+            threads = args.threads if args.server_threads is None else args.server_threads
+            proc, url = start_server(args.model, backend, max(levels), threads)
         try:
             for f in asyncio.run(server_levels(args, url, image, image_name, label)):
                 print(f.row(), flush=True)

@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from service.settings import Settings, env_name, env_values
+from service.settings import Settings, default_torch_threads, env_name, env_values
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -97,10 +97,11 @@ def serve_main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     settings = settings.replace(model_name=model_name(settings), model=str(bundle_dir))
-    if settings.torch_threads:
+    threads = settings.torch_threads or default_torch_threads(settings.device)
+    if threads:
         import torch
 
-        torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(threads)
 
     from service.server import serve
 

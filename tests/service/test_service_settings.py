@@ -80,3 +80,15 @@ def test_uvicorn_limits_come_from_settings():
     config = uvicorn_config(build_app(s), s)
     assert config.h11_max_incomplete_event_size == 32 * 1024
     assert config.http is LimitedH11Protocol and config.timeout_graceful_shutdown == 7 and config.port == 1234
+
+
+def test_cpu_serving_leaves_one_core_to_the_event_loop(monkeypatch):
+    import os
+
+    from service.settings import default_torch_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert default_torch_threads("cpu") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_torch_threads("cpu") == 1  # never 0 threads
+    assert default_torch_threads("cuda") == 0  # torch's own default
