@@ -483,7 +483,7 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
                  max_len: int = 128, noise: float = 0.1, context: float = 1.0, hidden_size: int = 256, num_layers: int = 4,
                  num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 688,
                  n_questions: int = 8, answer_weight: float = 1.0, init_from: str | Path | None = None,
-                 eval_scenes: int = 200, progress: bool = True) -> dict:
+                 keep_tables: bool = False, eval_scenes: int = 200, progress: bool = True) -> dict:
     """Train a small ``LlamaForCausalLM`` from scratch on world text; save it with its tokenizer.
 
     ``data``: None (text generated scene by scene from ``seed``, endless), a written dataset directory
@@ -493,7 +493,9 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
     oracle gate, 1500 steps: 0.8 gave caption precision 0.45, 1.0 gave 0.999; the bridge always puts
     queries there, so a document without one teaches nothing it needs). ``n_questions``: questions a
     scene; ``answer_weight``: the loss weight of VQA answers (:func:`_pack`). ``init_from``: an LLM
-    directory to continue from (its architecture; the size arguments are then unused). Returns metrics:
+    directory to continue from (its architecture; the size arguments are then unused). ``keep_tables``: the
+    input and output token tables stay as they are (a bridge trained against ``init_from`` writes and reads
+    the same rows of the continued LLM). Returns metrics:
     ``first_loss``/``final_loss`` (train, mean of the first/last 10 steps),
     ``val`` (:func:`evaluate_llm`), ``seconds``, ``seconds_per_step``. With ``out_dir`` the model
     (safetensors), tokenizer and ``pretrain.json`` are written there.
@@ -510,6 +512,9 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
                                             num_heads=num_heads, num_kv_heads=num_kv_heads,
                                             intermediate_size=intermediate_size))
     model.train()
+    if keep_tables:
+        model.get_input_embeddings().weight.requires_grad_(False)
+        model.get_output_embeddings().weight.requires_grad_(False)
     opt = adamw(model, lr, weight_decay)
     warmup = max(1, steps // 20) if warmup is None else warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, warmup))
@@ -541,6 +546,7 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
                                             "max_len": max_len, "noise": noise, "context": context,
                                             "n_questions": n_questions, "answer_weight": answer_weight,
                                             "init_from": str(init_from) if init_from else None,
+                                            "keep_tables": keep_tables,
                                             "data": str(data) if isinstance(
                                                 data, (str, Path)) else None, "metrics": metrics})
     metrics["model"] = model
