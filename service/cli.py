@@ -160,9 +160,17 @@ def _post(args, path: str, data: list[tuple[str, str]]) -> dict | None:
 def ask_main(argv: list[str] | None = None) -> int:
     """Ask a running server questions about an image (POST /v1/vqa) and print the answers."""
     p = _client_parser("qbridge ask", ask_main.__doc__)
-    p.add_argument("--question", "-q", action="append", required=True, help="repeat to ask several questions")
+    p.add_argument("--question", "-q", action="append", default=None, help="repeat to ask several questions")
+    p.add_argument("--task", default=None,
+                   help="a task prompt of the model (GET /v1/models lists them); without --question, asks the "
+                        "task's own question")
     args = p.parse_args(argv)
-    body = _post(args, "/v1/vqa", [("questions", q) for q in args.question])
+    if not args.question and args.task is None:
+        p.error("give --question (repeatable) or --task")
+    data = [("questions", q) for q in args.question or ()]
+    if args.task is not None:
+        data.append(("task", args.task))
+    body = _post(args, "/v1/vqa", data)
     if body is None:
         return 1
     if not args.json:

@@ -97,6 +97,9 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
         assert entry["gate"] in ("llm", "vision", "stage 1") and isinstance(entry["passed"], bool)
     report = (out / "REPORT.md").read_text()
     assert "## Gates" in report and "| vision | shape |" in report and "| llm | vqa_accuracy |" in report
+    written = json.loads((out / "report.json").read_text())["written"]  # the bridge's context read back
+    assert written["n_scenes"] == 8 and 0.0 <= written["accuracy"] <= 1.0
+    assert "## What the bridge writes" in report and f"| all ({written['tokens']}) |" in report
     assert (out / "stage2" / "bundle" / "qbridge.json").exists()
     from qformer.bundle import load_bundle  # the build prompt-tunes the new task into the bundle
 

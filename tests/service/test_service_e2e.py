@@ -178,6 +178,10 @@ def test_client_commands(live_server, tmp_path, png):
     assert det.returncode == 0, det.stderr  # the random model finds no well-formed box: no lines
     denied = run_cli("ask", str(image), "-q", "x", "--url", live_server.url)
     assert denied.returncode == 1 and "HTTP 401" in denied.stderr
+    unknown = run_cli("ask", str(image), "--task", "largest-colour", "--url", live_server.url, *key)
+    assert unknown.returncode == 1 and "HTTP 400: unknown task; this model's tasks: none" in unknown.stderr
+    nothing = run_cli("ask", str(image), "--url", live_server.url, *key)
+    assert nothing.returncode == 2 and "give --question (repeatable) or --task" in nothing.stderr
     denied = run_cli("caption", str(image), "--url", live_server.url)
     assert denied.returncode == 1 and "HTTP 401" in denied.stderr
 

@@ -229,10 +229,12 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
 
     def evaluate():
         from qformer.bundle import load_bundle
+        from training.demo.written import written_context
 
         bundle = load_bundle(bundle_dir)
         results = {"test": evaluate_bundle(bundle, data, "test", plan.eval_n, progress=progress),
-                   "heldout": evaluate_bundle(bundle, data, "heldout", plan.eval_n, progress=progress)}
+                   "heldout": evaluate_bundle(bundle, data, "heldout", plan.eval_n, progress=progress),
+                   "written": written_context(bundle, data, "test", plan.eval_n, progress=progress)}
         report_json.write_text(json.dumps(results, indent=2))  # keeps the level order
 
     steps.run("evaluation", report_json, evaluate)
@@ -339,6 +341,8 @@ def write_report(out: Path, plan: Plan) -> None:
               "| task | own context | another scene's |", "|---|---:|---:|"]
     for task in sorted(k[len("context_"):-len("_loss")] for k in llm if k.startswith("context_")):
         lines.append(f"| {task} | {llm[f'context_{task}_loss']:.3f} | {llm[f'wrong_context_{task}_loss']:.3f} |")
+    if "written" in results:
+        lines += ["", "## What the bridge writes", ""] + written_markdown(results["written"])
     task_file = out / "stage2" / "bundle" / "tasks" / f"{DEMO_TASK}.safetensors"
     if task_file.is_file():
         from qformer.tasks import load_tasks
@@ -360,6 +364,22 @@ def write_report(out: Path, plan: Plan) -> None:
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
     (out / "report_all.json").write_text(json.dumps({"eval": results, "ablation": ablation, "frozen": frozen,
                                                      "gates": gates, "timings": timings}, indent=2))
+
+
+def written_markdown(w: dict) -> list[str]:
+    """Report lines for :func:`training.demo.written.written_context`."""
+    from training.demo.written import KINDS, NUMBER_ERRORS
+
+    off = ", ".join(f"{d}{'+' if d == NUMBER_ERRORS[-1] else ''}: {w[f'number_off_{d}']:.2f}" for d in NUMBER_ERRORS)
+    return [f"Each query slot read back as its nearest row of the LLM's input table, against the scene's true "
+            f"description, on {w['n_scenes']} {w['split']} scenes (`python -m training.demo.written`): the "
+            "oracle gate above says what the LLM makes of a perfect description, this how far the bridge's is "
+            "from one.", "",
+            "| tokens | accuracy |", "|---|---:|", f"| all ({w['tokens']}) | {w['accuracy']:.3f} |",
+            *(f"| {k} | {w[f'{k}_accuracy']:.3f} |" for k in KINDS if f"{k}_accuracy" in w),
+            f"| whole scenes written exactly | {w['exact_scenes']:.3f} |", "",
+            f"Wrong numbers by distance from the right bin (share of wrong numbers): {off}.", "",
+            f"True: `{w['example']['true']}`", "", f"Written: `{w['example']['written']}`"]
 
 
 def golden_figures(results: dict) -> dict[str, float]:
