@@ -271,6 +271,26 @@ def test_stage2_context_distillation_teaches_the_queries_to_write_the_context(wo
     assert acc(log[-1]) > 0.9
 
 
+def test_stage2_context_only_steps_train_the_context_loss_alone_first(world, tmp_path):
+    """run.context_only_steps: those first steps log the context loss and no LM loss (the LLM is not run);
+    the LM loss joins after them. Without the context loss there is nothing for them to train."""
+    name = _write_contexts(world, "contexts_first.json", lambda i: "red circle")
+    cfg = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path / "s2", **{
+        "run.steps": 5, "run.log_every": 1, "run.context_weight": 1.0, "run.context_only_steps": 3,
+        "data.contexts": name, "model.num_quality_levels": 0, "data.captions": "captions_{split}.json"}))
+    train(cfg, progress=False)
+    log = losses(tmp_path / "s2")
+    assert len(log) == 5
+    for r in log[:3]:
+        assert any(k.endswith("_context_loss") for k in r) and not any(k.endswith("_lm_loss") for k in r), r
+    for r in log[3:]:
+        assert any(k.endswith("_context_loss") for k in r) and any(k.endswith("_lm_loss") for k in r), r
+    cfg = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path / "s3", **{
+        "run.steps": 2, "run.context_only_steps": 1}))
+    with pytest.raises(ValueError, match="context_only_steps needs"):
+        train(cfg, progress=False)
+
+
 def test_stage2_refuses_a_context_longer_than_its_queries(world, tmp_path):
     name = _write_contexts(world, "contexts_long.json", lambda i: " ".join(["red circle"] * 40))
     cfg = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path / "s2", **{

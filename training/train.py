@@ -103,10 +103,12 @@ class Stage2(nn.Module):
         self.context_weight = context_weight
         self.context_temperature = context_temperature
 
-    def forward(self, feats, ids, mask, labels, quality=None, context_ids=None):
-        """LM loss; with ``context_ids`` (B, Q) also the context-distillation loss of the same queries."""
+    def forward(self, feats, ids, mask, labels, quality=None, context_ids=None, context_only=False):
+        """LM loss; with ``context_ids`` (B, Q) also the context-distillation loss of the same queries; with
+        ``context_only`` that loss alone (no LLM forward)."""
         queries = self.bridge.project_queries(feats)
-        losses = lm_loss(self.bridge(feats, ids, mask, quality, query_embeds=queries).logits, labels)
+        losses = {} if context_only else lm_loss(self.bridge(feats, ids, mask, quality, query_embeds=queries).logits,
+                                                 labels)
         if context_ids is not None:
             ctx = context_loss(queries, self.bridge.base_input_embeddings().detach(), context_ids,
                                self.context_temperature)
@@ -263,6 +265,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
         if not cfg.data.contexts:
             raise ValueError("run.context_weight > 0 needs data.contexts (a file of per-image context texts)")
         contexts = context_targets(parts.tokenizer, load_contexts(cfg.data), bridge.cfg.qformer.num_query_tokens)
+    if stage2 and cfg.run.context_only_steps and not contexts:
+        raise ValueError("run.context_only_steps needs the context-distillation loss (run.context_weight > 0)")
     module = Stage2(bridge, cfg.run.context_weight, cfg.run.context_temperature) if stage2 else Stage1(
         bridge, parts.qformer_tokenizer.convert_tokens_to_ids(DEC_TOKEN), cfg.run.itc_label_smoothing,
         cfg.run.itg_label_smoothing,
@@ -323,7 +327,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
                         context_ids = context_batch(contexts, [e.image_id for e in batch],
                                                     bridge.cfg.qformer.num_query_tokens).to(accelerator.device)
                     losses = module(feats, ids.to(accelerator.device), mask.to(accelerator.device),
-                                    labels.to(accelerator.device), quality, context_ids)
+                                    labels.to(accelerator.device), quality, context_ids,
+                                    context_only=step < cfg.run.context_only_steps)
                 else:
                     # Ranks gather each other's ids (ITM negatives), so several pad to one width; one pads to
                     # its longest caption, not to the limit.
