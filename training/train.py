@@ -315,8 +315,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
             ctx = accelerator.no_sync(module) if micro < cfg.run.grad_accum - 1 else _null()
             with ctx, accelerator.autocast():
                 if stage2:
-                    targets = [detection_target(e, codec) if task == "detect" else e.target for e in batch]
-                    ids, mask, labels = tokenize_stage2(parts.tokenizer, batch, cfg.data.max_text_tokens, targets)
+                    context_only = step < cfg.run.context_only_steps  # the LLM is not run: no texts to tokenize
+                    ids = mask = labels = None
+                    if not context_only:
+                        targets = [detection_target(e, codec) if task == "detect" else e.target for e in batch]
+                        ids, mask, labels = (t.to(accelerator.device) for t in tokenize_stage2(
+                            parts.tokenizer, batch, cfg.data.max_text_tokens, targets))
                     quality = None
                     if task == "caption" and bridge.cfg.num_quality_levels:
                         if any(e.quality is None for e in batch):
@@ -326,9 +330,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
                     if contexts:
                         context_ids = context_batch(contexts, [e.image_id for e in batch],
                                                     bridge.cfg.qformer.num_query_tokens).to(accelerator.device)
-                    losses = module(feats, ids.to(accelerator.device), mask.to(accelerator.device),
-                                    labels.to(accelerator.device), quality, context_ids,
-                                    context_only=step < cfg.run.context_only_steps)
+                    losses = module(feats, ids, mask, labels, quality, context_ids, context_only=context_only)
                 else:
                     # Ranks gather each other's ids (ITM negatives), so several pad to one width; one pads to
                     # its longest caption, not to the limit.

@@ -67,8 +67,8 @@ def written_context(bundle, data_dir: str | Path, split: str = "test", n: int | 
     images = split_data.images
     for i in tqdm(range(0, len(images), batch_size), desc="written context", unit="batch", disable=not progress):
         chunk = images[i: i + batch_size]
-        feats = encode_split_images(bundle, data_dir, split, chunk, batch_size, device="cpu")
-        queries = bridge.project_queries(feats).float()
+        feats = encode_split_images(bundle, data_dir, split, chunk, batch_size, device=table.device)
+        queries = bridge.project_queries(feats.to(table.device)).float()
         nearest = torch.cdist(queries, table[None].expand(len(chunk), -1, -1)).argmin(-1)
         for im, row in zip(chunk, nearest.tolist()):
             true = tokenizer.convert_ids_to_tokens(
