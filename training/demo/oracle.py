@@ -32,6 +32,21 @@ from training.demo import vision
 from training.demo.shapes import Scene
 
 GATE = {"vqa_accuracy": 0.98, "caption_precision": 0.98, "detection_map50": 0.95}
+# Questions answered by looking one object up (its colour, shape, size or place) rather than by counting.
+LOOKUP_TYPES = ("colour", "shape", "size", "position")
+
+
+def lookup_split(scores: dict, annotations: list[dict], scenes: dict) -> dict[str, float]:
+    """VQA accuracy of the look-up questions (:data:`LOOKUP_TYPES`) in scenes of one object and of several.
+
+    With one object any value of the asked kind is right; with several, the LLM must bind the value to the
+    object the question names (the colour *of the diamond*). A gap between the two says the LLM picks a
+    value of the right kind without binding it (0.5 is chance with two objects)."""
+    out: dict[str, list[float]] = {"single": [], "multi": []}
+    for a in annotations:
+        if a.get("question_type") in LOOKUP_TYPES:
+            out["multi" if len(scenes[a["image_id"]].objects) > 1 else "single"].append(scores[a["question_id"]])
+    return {f"vqa_lookup_{k}_object": sum(v) / len(v) for k, v in out.items() if v}
 _NUMBER = re.compile(r"\s*\b(\d+)\b")
 
 
@@ -109,6 +124,7 @@ def evaluate_oracle(llm_dir: str | Path, data_dir: str | Path, split: str = "val
     return {"split": split, "n_scenes": len(scenes), "vqa_accuracy": sum(scores.values()) / len(scores),
             "caption_precision": caption["precision"], "caption_recall": caption["recall"],
             "detection_map50": detection["map50"], "detection_map50_95": detection["map50_95"],
+            **lookup_split(scores, annotations, by_id),
             "vqa_per_type": {t: sum(v) / len(v) for t, v in sorted(per_type.items())},
             "examples": {"caption": captions[0], "detect": texts[0], "context": desc[ids[0]]}}
 
