@@ -1,6 +1,7 @@
 """Pretraining the demo's frozen text parts: tokenizer and small Llama (tiny runs). The vision tower: test_vision.py."""
 
 import json
+from random import Random
 
 import pytest
 import torch
@@ -205,6 +206,18 @@ def test_llm_is_deterministic_by_seed_and_reads_text_lists(tok):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     m = pretrain_llm(["caption: a red circle", "detect: red circle"], tok, **kw)
     assert m["steps"] == 3
+
+
+def test_tasks_keeps_only_those_documents_and_the_cli_passes_them(tok, tmp_path, capsys):
+    stream = pretrain._text_stream(None, 0, 0.1, Random(0), n_questions=5, tasks=("vqa",))
+    groups = [next(stream) for _ in range(6)]
+    assert all(d.task == "vqa" and d.context for g in groups for d in g)
+    assert sum(map(len, groups)) > 6  # the scenes' questions, not one document a scene
+    out = tmp_path / "llm"
+    assert pretrain.main(["llm", "--out", str(out), "--tiny", "--steps", "2", "--quiet", "--tasks", "vqa",
+                          "--questions", "3"]) == 0
+    saved = json.loads((out / "pretrain.json").read_text())
+    assert (saved["tasks"], saved["n_questions"]) == (["vqa"], 3)
 
 
 def test_cli_tokenizer(tmp_path, capsys):

@@ -433,10 +433,14 @@ class _TextBatches:
 
 
 def _text_stream(data, seed: int, noise: float, rng: Random, context: float = 1.0,
-                 n_questions: int = 8) -> Iterator[list[Document]]:
-    """Endless groups of documents: a generated scene's, or one plain text (no context) each."""
+                 n_questions: int = 8, tasks: Sequence[str] | None = None) -> Iterator[list[Document]]:
+    """Endless groups of documents: a generated scene's (only those of ``tasks``, when given), or one plain
+    text (no context) each."""
     if data is None:
-        yield from world_scenes(seed, noise=noise, context=context, n_questions=n_questions)
+        for docs in world_scenes(seed, noise=noise, context=context, n_questions=n_questions):
+            kept = [d for d in docs if tasks is None or d.task in tasks]
+            if kept:
+                yield kept
     texts = dataset_texts(data) if isinstance(data, (str, Path)) else list(data)
     while True:
         order = list(range(len(texts)))
@@ -483,7 +487,8 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
                  max_len: int = 128, noise: float = 0.1, context: float = 1.0, hidden_size: int = 256, num_layers: int = 4,
                  num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 688,
                  n_questions: int = 8, answer_weight: float = 1.0, init_from: str | Path | None = None,
-                 keep_tables: bool = False, eval_scenes: int = 200, progress: bool = True) -> dict:
+                 keep_tables: bool = False, tasks: Sequence[str] | None = None, eval_scenes: int = 200,
+                 progress: bool = True) -> dict:
     """Train a small ``LlamaForCausalLM`` from scratch on world text; save it with its tokenizer.
 
     ``data``: None (text generated scene by scene from ``seed``, endless), a written dataset directory
@@ -495,7 +500,9 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
     scene; ``answer_weight``: the loss weight of VQA answers (:func:`_pack`). ``init_from``: an LLM
     directory to continue from (its architecture; the size arguments are then unused). ``keep_tables``: the
     input and output token tables stay as they are (a bridge trained against ``init_from`` writes and reads
-    the same rows of the continued LLM). Returns metrics:
+    the same rows of the continued LLM). ``tasks``: train on the generated documents of these tasks only
+    (``caption``, ``vqa``, ``detect``), e.g. ``("vqa",)`` to measure how fast look-ups are learned alone.
+    Returns metrics:
     ``first_loss``/``final_loss`` (train, mean of the first/last 10 steps),
     ``val`` (:func:`evaluate_llm`), ``seconds``, ``seconds_per_step``. With ``out_dir`` the model
     (safetensors), tokenizer and ``pretrain.json`` are written there.
@@ -519,7 +526,7 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
     warmup = max(1, steps // 20) if warmup is None else warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, warmup))
     rng = Random(f"qbridge-pretrain-llm/{seed}")
-    batches = _TextBatches(_text_stream(data, seed, noise, rng, context, n_questions), tokenizer, batch_size,
+    batches = _TextBatches(_text_stream(data, seed, noise, rng, context, n_questions, tasks), tokenizer, batch_size,
                            max_len, rng, answer_weight=answer_weight)
 
     losses: list[float] = []
@@ -546,7 +553,7 @@ def pretrain_llm(data=None, tokenizer=None, out_dir: str | Path | None = None, s
                                             "max_len": max_len, "noise": noise, "context": context,
                                             "n_questions": n_questions, "answer_weight": answer_weight,
                                             "init_from": str(init_from) if init_from else None,
-                                            "keep_tables": keep_tables,
+                                            "keep_tables": keep_tables, "tasks": list(tasks) if tasks else None,
                                             "data": str(data) if isinstance(
                                                 data, (str, Path)) else None, "metrics": metrics})
     metrics["model"] = model
@@ -587,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a written shapes world / COCO-format directory (default: text generated from --seed)")
     p.add_argument("--batch-size", type=int, default=16, help="scenes a step (one packed row each)")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--questions", type=int, default=8, help="VQA questions a scene")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated tasks to train on (caption, vqa, detect; default: all), e.g. vqa")
     p.add_argument("--tiny", action="store_true", help="a tiny model, for smoke runs")
 
     p = sub.add_parser("vision", help="pretrain the small ResNet vision tower on dense world labels (training.demo.vision)")
@@ -606,7 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "llm":
         sizes = TINY_LLM if args.tiny else {}
         metrics = pretrain_llm(args.data, args.tokenizer, args.out, args.steps, seed=args.seed,
-                               batch_size=args.batch_size, lr=args.lr, progress=not args.quiet, **sizes)
+                               batch_size=args.batch_size, lr=args.lr, n_questions=args.questions,
+                               tasks=tuple(args.tasks.split(",")) if args.tasks else None,
+                               progress=not args.quiet, **sizes)
         print(_report(metrics))
     else:
         from training.demo.vision import TINY, pretrain_tower
