@@ -1,8 +1,10 @@
 """The demo build's machinery: steps that resume, `--only STEP`, and gates that stop the build."""
 
 import json
+import shutil
 
 import pytest
+import torch
 
 from training.demo.build import NEEDS, STEP_NAMES, GateMissed, Steps, gate, gate_marker, main
 
@@ -113,3 +115,24 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     before = (out / "report.json").stat().st_mtime_ns
     assert main(["build", "--out", str(out), "--quick", "--only", "vision gate"]) == 0
     assert (out / "report.json").stat().st_mtime_ns == before
+    # a built bundle unpacks into a build directory whose later steps rerun on its parts
+    again = tmp_path / "again"
+    assert main(["unpack", "--bundle", str(out / "stage2" / "bundle"), "--out", str(again)]) == 0
+    from safetensors.torch import load_file
+
+    original, restored = (load_file(d / "stage1" / "final" / "stage1.safetensors") for d in (out, again))
+    assert original.keys() == restored.keys()
+    assert all(torch.allclose(original[k], restored[k], atol=1e-2, rtol=1e-3) for k in original)  # kept in fp16
+    for f in ("llm/model.safetensors", "llm/tokenizer.json", "vision/model.safetensors"):
+        assert (again / f).read_bytes() == (out / f).read_bytes()
+    shutil.copytree(out / "data", again / "data")
+    assert main(["build", "--out", str(again), "--quick", "--only", "stage 1 gate"]) == 0
+    assert "i2t_r1" in json.loads((again / "gates" / "stage1.json").read_text())["figures"]
+
+
+def test_unpack_refuses_a_bundle_without_a_stage1_copy(tmp_path):
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "qbridge.json").write_text(json.dumps({"config": {"alignment_qformer": False}}))
+    with pytest.raises(SystemExit, match="no stage-1 copy"):
+        main(["unpack", "--bundle", str(bundle), "--out", str(tmp_path / "out")])

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from tests.tiny import pixel_processor
 from training.demo import shapes
 from training.demo.pretrain import scene_description
-from training.demo.written import compare, token_kind, written_context
+from training.demo.written import by_object, compare, token_kind, written_context
 
 DEMO_TOKENIZER = "qformer/demo/bundle/tokenizer"
 
@@ -23,6 +23,13 @@ def test_token_kinds_and_comparison():
     assert total == {"row": 1, "column": 1, "number": 2, "word": 1}
     assert wrong == {"column": 1, "number": 2}
     assert off == {2: 1, 5: 1}  # 6 bins off counts as 5+
+
+
+def test_errors_are_counted_by_the_object_they_describe():
+    true = ["Ġgrey", "Ġbackground", ".", "Ġtop", "Ġred", ".", "Ġbottom", "Ġblue", "."]
+    written = ["Ġgrey", "Ġbackground", ".", "Ġtop", "Ġred", ".", "Ġtop", "Ġred", "."]
+    total, wrong = by_object(written, true)
+    assert total == {0: 3, 1: 3, 2: 3} and wrong == {0: 0, 1: 0, 2: 2}
 
 
 class _WritingBridge:
@@ -67,6 +74,7 @@ def test_a_bridge_writing_the_true_description_reads_back_exactly(world):
     assert out["n_scenes"] == 5 and out["tokens"] == sum(map(len, rows))
     assert out["accuracy"] == 1.0 and out["exact_scenes"] == 1.0
     assert all(out[f"{k}_accuracy"] == 1.0 for k in ("row", "column", "size", "word", "number"))
+    assert out["object_0_accuracy"] == out["object_1_accuracy"] == 1.0
     assert out["example"]["true"] == out["example"]["written"] == scene_description(scenes[0])
 
 

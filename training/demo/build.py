@@ -446,6 +446,50 @@ def install(out: Path, target: Path = DEMO_DIR) -> None:
     print(f"installed the demo bundle ({size:.1f} MB) into {target}; golden figures: {golden['measured']}")
 
 
+def unpack(bundle: Path, out: Path, seed: int = 0) -> list[str]:
+    """Lay an installed demo bundle's parts out as the build's step outputs in ``out``: the frozen vision tower
+    (``vision``), the frozen LLM with its base tokenizer (``llm``) and stage 1 (``stage1/final``, from the stage-1
+    copy the bundle keeps for ITC/ITM, stored in fp16). Then ``--only STEP`` reruns one later step (quality,
+    stage 2, evaluation, ...) on them without rebuilding what came before. The tokenizer is retrained from
+    ``seed`` (deterministic) and must equal the bundle's, location tokens aside. Returns the steps restored."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from training.demo import pretrain
+
+    meta = json.loads((bundle / "qbridge.json").read_text())["config"]
+    if not meta.get("alignment_qformer"):
+        raise SystemExit(f"{bundle} keeps no stage-1 copy (alignment_qformer): stage 1 cannot be restored from it")
+    for part in ("vision", "llm"):
+        if meta[part]["source"] != "embedded":
+            raise SystemExit(f"{bundle}'s {part} is not embedded ({meta[part]['source']}): nothing to unpack")
+    vision, llm, stage1 = out / "vision", out / "llm", out / "stage1" / "final"
+    for d in (vision, llm, stage1):
+        if d.exists():
+            shutil.rmtree(d)
+    shutil.copytree(bundle / meta["vision"]["path"], vision)
+    shutil.copy(bundle / "image_processor" / "preprocessor_config.json", vision)
+    shutil.copytree(bundle / meta["llm"]["path"], llm)
+    base = pretrain.train_tokenizer(None, llm, seed=seed)
+    served = AutoTokenizer.from_pretrained(str(bundle / "tokenizer"))
+    if len(base) != meta["base_vocab_size"] or any(
+            served.convert_ids_to_tokens(i) != base.convert_ids_to_tokens(i) for i in range(len(base))):
+        shutil.rmtree(llm)
+        raise SystemExit(f"the tokenizer retrained from seed {seed} differs from {bundle}'s: not the same LLM")
+    state = {k.removeprefix("alignment."): v.to(torch.float32) for k, v in load_file(bundle / "model.safetensors").items()
+             if k.startswith("alignment.")}
+    stage1.mkdir(parents=True)
+    save_file(state, stage1 / "stage1.safetensors")
+    shutil.copytree(bundle / "qformer_tokenizer", stage1 / "qformer_tokenizer")
+    queries = meta["alignment_query_tokens"] or meta["qformer"]["num_query_tokens"]
+    stage1_cfg = {**meta, "qformer": {**meta["qformer"], "num_query_tokens": queries, "with_text": True},
+                  "alignment_qformer": False, "alignment_query_tokens": 0, "num_quality_levels": 0,
+                  "num_loc_bins": 0}
+    (stage1 / "bridge_config.json").write_text(json.dumps(stage1_cfg, indent=2))
+    return ["tokenizer", "llm", "vision", "stage 1"]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build (and optionally install) the embedded demo model from nothing."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -466,9 +510,19 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("install", help="copy a finished build's bundle and report into qformer/demo/ and "
                                        "measure the golden figures")
     i.add_argument("--out", default="build/demo", help="the build directory")
+    u = sub.add_parser("unpack", help="lay an installed bundle's frozen parts and stage 1 out as a build's step "
+                                      "outputs, so that `build --only STEP` reruns a later step on them")
+    u.add_argument("--bundle", default=str(DEMO_BUNDLE), help="the bundle (default: the embedded demo bundle)")
+    u.add_argument("--out", default="build/demo", help="the build directory")
+    u.add_argument("--seed", type=int, default=0, help="the build's seed (its tokenizer is retrained from it)")
     args = p.parse_args(argv)
     if args.cmd == "install":
         install(Path(args.out))
+        return 0
+    if args.cmd == "unpack":
+        done = unpack(Path(args.bundle), Path(args.out), args.seed)
+        print(f"unpacked {args.bundle} into {args.out}: {', '.join(done)}. Next, e.g.: qbridge demo build --out "
+              f"{args.out} --only data, then --only quality, --only contexts, --only 'stage 2'")
         return 0
     import dataclasses
 

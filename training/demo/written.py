@@ -7,7 +7,8 @@ description (context distillation, ``training.losses.context_loss``). Here each 
 queries is read back as its nearest row of the LLM's input table and compared with the true description
 (``training.demo.pretrain.scene_description``), token by token, by kind: the row and column words, the size,
 the other words (background, colour, shape, full stops) and the numbers (box corners in location bins), with
-how far a wrong number lands from the right one. The oracle gate (``training.demo.oracle``) says what the LLM
+how far a wrong number lands from the right one; and by object (the background, then the k-th object in
+reading order). The oracle gate (``training.demo.oracle``) says what the LLM
 makes of a perfect description; this says how far the bridge's is from perfect, and where.
 """
 
@@ -51,6 +52,20 @@ def compare(written: list[str], true: list[str]) -> tuple[Counter, Counter, Coun
     return total, wrong, off
 
 
+def by_object(written: list[str], true: list[str]) -> tuple[Counter, Counter]:
+    """(tokens, wrong tokens) of ``written`` against ``true`` per described object: key 0 is the background,
+    key k the k-th object in reading order (a full stop ends each). A rise of errors with k says the queries
+    find the first objects and lose track of the later ones (reading order is the hard part), an even spread
+    that they find every object but write its details imprecisely."""
+    total, wrong = Counter(), Counter()
+    k = 0
+    for w, t in zip(written, true):
+        total[k] += 1
+        wrong[k] += w != t
+        k += t == "."
+    return total, wrong
+
+
 @torch.no_grad()
 def written_context(bundle, data_dir: str | Path, split: str = "test", n: int | None = 200, batch_size: int = 32,
                     progress: bool = True) -> dict:
@@ -63,6 +78,7 @@ def written_context(bundle, data_dir: str | Path, split: str = "test", n: int | 
     bridge, tokenizer = bundle.bridge.eval(), bundle.tokenizer
     table = bridge.base_input_embeddings().float()
     total, wrong, off = Counter(), Counter(), Counter()
+    per_object, wrong_per_object = Counter(), Counter()
     exact, example = 0, None
     images = split_data.images
     for i in tqdm(range(0, len(images), batch_size), desc="written context", unit="batch", disable=not progress):
@@ -76,6 +92,9 @@ def written_context(bundle, data_dir: str | Path, split: str = "test", n: int | 
             written = tokenizer.convert_ids_to_tokens(row[: len(true)])
             t, w, o = compare(written, true)
             total, wrong, off = total + t, wrong + w, off + o
+            t, w = by_object(written, true)
+            per_object.update(t)
+            wrong_per_object.update(w)
             exact += not sum(w.values())
             if example is None:
                 example = {"true": tokenizer.convert_tokens_to_string(true),
@@ -83,6 +102,7 @@ def written_context(bundle, data_dir: str | Path, split: str = "test", n: int | 
     out = {"split": split, "n_scenes": len(images), "tokens": sum(total.values()),
            "accuracy": 1 - sum(wrong.values()) / max(1, sum(total.values())), "exact_scenes": exact / len(images)}
     out.update({f"{k}_accuracy": 1 - wrong[k] / total[k] for k in KINDS if total[k]})
+    out.update({f"object_{k}_accuracy": 1 - wrong_per_object[k] / per_object[k] for k in sorted(per_object)})
     wrong_numbers = max(1, wrong["number"])
     out.update({f"number_off_{d}": off[d] / wrong_numbers for d in NUMBER_ERRORS})
     out["example"] = example
