@@ -413,6 +413,10 @@ def written_markdown(w: dict) -> list[str]:
             *(f"| {k} | {w[f'{k}_accuracy']:.3f} |" for k in KINDS if f"{k}_accuracy" in w),
             f"| whole scenes written exactly | {w['exact_scenes']:.3f} |", "",
             f"Wrong numbers by distance from the right bin (share of wrong numbers): {off}.", "",
+            *([f"By object, in reading order (the order the queries must find them in): "
+               + ", ".join(f"{'background' if k == 0 else f'object {k}'} {w[f'object_{k}_accuracy']:.3f}"
+                           for k in range(10) if f"object_{k}_accuracy" in w) + ".", ""]
+              if "object_0_accuracy" in w else []),
             f"True: `{w['example']['true']}`", "", f"Written: `{w['example']['written']}`"]
 
 
@@ -522,6 +526,8 @@ def unpack(bundle: Path, out: Path, seed: int = 0) -> list[str]:
     shutil.copytree(bundle, out / "stage2" / "bundle")  # stage 2's output is the bundle itself
     done = ["tokenizer", "llm", "vision", "stage 1", "stage 2"]
     report = bundle.parent / "report_all.json"  # an installed bundle's report: what was measured on these parts
+    if report.resolve().is_relative_to(Path.cwd()):  # the report names it as a reader of the repository would
+        report = report.resolve().relative_to(Path.cwd())
     if report.is_file():
         recorded = json.loads(report.read_text())
         for name, entry in recorded.get("gates", {}).items():  # figures only: a rerun gate measures again
