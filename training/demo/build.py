@@ -187,7 +187,7 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
     data, llm, vision, gates = out / "data", out / "llm", out / "vision", out / "gates"
     # Minutes each step took on 2 idle CPU cores (the ETA's weights).
     steps = Steps({"data": 0.4, "tokenizer": 0.02, "llm": 8, "llm gate": 1, "vision": 10, "vision gate": 1,
-                   "stage 1": 30, "stage 1 gate": 0.5, "quality": 1, "contexts": 0.02, "stage 2": 12, "evaluation": 3, "task": 3, "ablation": 7},
+                   "stage 1": 30, "stage 1 gate": 0.5, "quality": 5.5, "contexts": 0.02, "stage 2": 31, "evaluation": 4, "task": 2, "ablation": 7},
                   out / "timings.json", only)
     paths = [f"model.vision={vision}", f"model.llm={llm}", f"data.root={data}"]
     enforce = enforce_gates and not plan.quick  # a smoke build's tiny parts cannot pass a gate
