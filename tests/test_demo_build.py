@@ -120,8 +120,8 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     shutil.copytree(out / "stage2" / "bundle", installed / "bundle")
     shutil.copy(out / "report_all.json", installed)
     assert main(["unpack", "--bundle", str(installed / "bundle"), "--out", str(again)]) == 0
-    restored = json.loads((again / "restored.json").read_text())["items"]
-    assert set(restored) == {"gate llm", "gate vision", "gate stage1", "LLM val losses", "ablation"}
+    restored = json.loads((again / "restored.json").read_text())["steps"]
+    assert set(restored) == {"llm gate", "vision gate", "stage 1 gate", "llm", "ablation"}
     assert json.loads((again / "ablation.json").read_text()) == json.loads((out / "ablation.json").read_text())
     from safetensors.torch import load_file
 
@@ -133,10 +133,10 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     shutil.copytree(out / "data", again / "data")
     assert main(["build", "--out", str(again), "--quick", "--only", "stage 1 gate"]) == 0
     assert "i2t_r1" in json.loads((again / "gates" / "stage1.json").read_text())["figures"]
-    assert "gate stage1" not in json.loads((again / "restored.json").read_text())["items"]  # measured here now
+    assert "stage 1 gate" not in json.loads((again / "restored.json").read_text())["steps"]  # measured here now
     assert main(["build", "--out", str(again), "--quick", "--only", "evaluation"]) == 0  # writes the report
     report = (again / "REPORT.md").read_text()
-    assert "not measured by this build" in report and "(gate llm, gate vision) are copied" in report
+    assert "not measured by this build" in report and "(llm gate, vision gate) are copied" in report
 
 
 def test_unpack_refuses_a_bundle_without_a_stage1_copy(tmp_path):

@@ -33,9 +33,11 @@ MAX_BUNDLE_MB = 40
 # asserted at the value measured at install time minus GOLDEN_MARGIN.
 GOLDEN_SCENES = 200
 GOLDEN_MARGIN = 0.02
-# Written by `qbridge demo unpack`: which of the build's records were copied from an installed bundle's report
-# rather than measured by this build (the report says so); a step rerun here replaces its record.
+# Written by `qbridge demo unpack`: the steps whose records were copied from an installed bundle's report
+# rather than measured by this build (the report says so); a step rerun here measures its own.
 RESTORED = "restored.json"
+# A gate's figures file (gates/NAME.json, a report's "gates" key) by the step that writes it.
+GATE_FILES = {"llm gate": "llm", "vision gate": "vision", "stage 1 gate": "stage1"}
 
 
 @dataclass
@@ -142,18 +144,14 @@ class Steps:
         self.done += self.weights[name]
 
 
-# The records `qbridge demo unpack` copies, by the step that measures each anew.
-RESTORED_BY_STEP = {"llm": "LLM val losses", "llm gate": "gate llm", "vision gate": "gate vision",
-                    "stage 1 gate": "gate stage1", "ablation": "ablation"}
-
-
 def forget_restored(out: Path, step: str) -> None:
     """A step that ran in ``out`` measured its own record: it is no longer one copied by ``unpack``."""
     path = out / RESTORED
-    if step in RESTORED_BY_STEP and path.exists():
+    if path.exists():
         restored = json.loads(path.read_text())
-        restored["items"] = [i for i in restored["items"] if i != RESTORED_BY_STEP[step]]
-        write_json(path, restored)
+        if step in restored["steps"]:
+            restored["steps"].remove(step)
+            write_json(path, restored)
 
 
 def gate(name: str, figures: dict, failures: list[str], target: Path, enforce: bool, rerun: str) -> None:
@@ -336,7 +334,7 @@ def write_report(out: Path, plan: Plan) -> None:
     results = json.loads((out / "report.json").read_text())
     ablation = json.loads((out / "ablation.json").read_text())
     frozen = {"llm": json.loads((out / "llm" / "pretrain.json").read_text())["metrics"]["val"]}
-    gates = {g: json.loads((out / "gates" / f"{g}.json").read_text()) for g in ("llm", "vision", "stage1")
+    gates = {g: json.loads((out / "gates" / f"{g}.json").read_text()) for g in GATE_FILES.values()
              if (out / "gates" / f"{g}.json").exists()}
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
     lines = ["# Demo model report", "",
@@ -351,7 +349,7 @@ def write_report(out: Path, plan: Plan) -> None:
     for name, r in ablation.items():
         lines.append(f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cider']:.3f} | {r['bleu4']:.3f} |")
     restored = json.loads((out / RESTORED).read_text()) if (out / RESTORED).exists() else None
-    if restored and "ablation" in restored["items"]:
+    if restored and "ablation" in restored["steps"]:
         lines += ["", f"These ablation figures were not measured by this build: they are the earlier build's, copied "
                       f"from `{restored['from']}` by `qbridge demo unpack` (rerun: `--only ablation`)."]
     lines += ["", "## Gates", "",
@@ -361,7 +359,7 @@ def write_report(out: Path, plan: Plan) -> None:
               "scene description as its context, where the queries go later, greedy decoding, the evaluation's "
               "own metrics (`python -m training.demo.oracle`): the ceiling of any bridge through it. Stage 1: val "
               "image->text R@1 before its scores become quality levels."
-              + (f" Gates not rerun by this build ({', '.join(i for i in restored['items'] if i.startswith('gate'))}) "
+              + (f" Gates not rerun by this build ({', '.join(g for g in GATE_FILES if g in restored['steps'])}) "
                  f"are copied from `{restored['from']}`, measured on the same parts." if restored else ""), "",
               "| gate | figure | value | target | passed |", "|---|---|---:|---:|---|"]
     from training.demo.oracle import GATE as LLM_GATE
@@ -535,19 +533,21 @@ def unpack(bundle: Path, out: Path, seed: int = 0) -> list[str]:
     if report.resolve().is_relative_to(Path.cwd()):  # the report names it as a reader of the repository would
         report = report.resolve().relative_to(Path.cwd())
     if report.is_file():
-        recorded = json.loads(report.read_text())
-        for name, entry in recorded.get("gates", {}).items():  # figures only: a rerun gate measures again
-            (out / "gates").mkdir(parents=True, exist_ok=True)
-            (out / "gates" / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
-        if "llm" in recorded.get("frozen", {}):
+        recorded, restored = json.loads(report.read_text()), []
+        for step, name in GATE_FILES.items():  # figures only, no marker: a resumed build measures the gate again
+            if name in recorded.get("gates", {}):  # as `gate` writes it, figures in their measured order
+                (out / "gates").mkdir(parents=True, exist_ok=True)
+                (out / "gates" / f"{name}.json").write_text(json.dumps(recorded["gates"][name], indent=2) + "\n")
+                restored.append(step)
+        if "llm" in recorded.get("frozen", {}):  # the report's table of the LLM's val losses reads it here
             write_json(llm / "pretrain.json", {"component": "llm", "restored_from": str(report),
                                                "metrics": {"val": recorded["frozen"]["llm"]}})
-        restored = [f"gate {g}" for g in recorded.get("gates", {})] + ["LLM val losses"] * ("llm" in recorded.get("frozen", {}))
+            restored.append("llm")
         if "ablation" in recorded:
             (out / "ablation.json").write_text(json.dumps(recorded["ablation"], indent=2))
             restored.append("ablation")
-        write_json(out / RESTORED, {"from": str(report), "items": restored})
-        done += restored
+        write_json(out / RESTORED, {"from": str(report), "steps": restored})
+        done += [f"{step} (its record)" for step in restored]
     return done
 
 
