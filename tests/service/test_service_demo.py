@@ -74,9 +74,6 @@ def detection_match_rate(answers) -> tuple[int, int]:
     return matched, total
 
 
-@pytest.mark.xfail(strict=True, reason="the demo-model issue's target (IoU >= 0.5 with the right label for 80 % of objects) is not reached by the demo "
-                                       "bundle: 36 of 46 objects matched when it was installed, one short of 80 % (26 before stage 2 at lr 2e-3 with 4000 context-first steps, 15 before context-first stage 2, 0 before context distillation; qformer/demo/REPORT.md "
-                                       "says why); strict, so a bundle that reaches it turns this red until updated")
 def test_demo_detections_match_most_objects(answers):
     matched, total = detection_match_rate(answers)
     print(json.dumps({"objects": total, "matched_iou50": matched}))

@@ -44,7 +44,9 @@ GATE_FILES = {"llm gate": "llm", "vision gate": "vision", "stage 1 gate": "stage
 class Plan:
     """Sizes of a build; `--quick` shrinks every step into a smoke run."""
 
-    n_train: int = 5000
+    # Stage 2 on 5000 scenes memorised them: its queries wrote the train scenes' descriptions 0.995 right (box
+    # numbers 0.986) and the test scenes' 0.823 (0.607). On 20000 (same steps), test 0.876 (numbers 0.709)
+    n_train: int = 20000
     n_test: int = 1000
     n_heldout: int = 300
     image_size: int = 160  # the vision tower's input: a 10x10 feature grid
@@ -189,8 +191,8 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     data, llm, vision, gates = out / "data", out / "llm", out / "vision", out / "gates"
     # Minutes each step took on 2 idle CPU cores (the ETA's weights).
-    steps = Steps({"data": 0.4, "tokenizer": 0.02, "llm": 8, "llm gate": 1, "vision": 10, "vision gate": 1,
-                   "stage 1": 30, "stage 1 gate": 0.5, "quality": 5.5, "contexts": 0.02, "stage 2": 31, "evaluation": 4, "task": 2, "ablation": 7},
+    steps = Steps({"data": 1.6, "tokenizer": 0.02, "llm": 29, "llm gate": 0.2, "vision": 10, "vision gate": 1,
+                   "stage 1": 32, "stage 1 gate": 0.5, "quality": 14, "contexts": 0.02, "stage 2": 31, "evaluation": 4, "task": 2, "ablation": 7},
                   out / "timings.json", only)
     paths = [f"model.vision={vision}", f"model.llm={llm}", f"data.root={data}"]
     enforce = enforce_gates and not plan.quick  # a smoke build's tiny parts cannot pass a gate
