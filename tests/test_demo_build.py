@@ -109,6 +109,9 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     assert task.figures["steps"] == 4 and "## A new task by prompt tuning: `largest-colour`" in report
     llm = json.loads((out / "llm" / "pretrain.json").read_text())  # the LLM's second phase continued the first
     assert llm["init_from"] == str(out / "llm") and llm["n_questions"] == 16 and llm["answer_weight"] == 2.0
+    cycles = [json.loads((d / "config.json").read_text()) for d in (out / "stage1-cycles" / "0", out / "stage1")]
+    assert [c["run"]["steps"] for c in cycles] == [6, 4]  # stage 1's second cosine cycle continues the first
+    assert cycles[1]["model"]["init_from"] == str(out / "stage1-cycles" / "0") and not cycles[0]["model"]["init_from"]
     bundle = json.loads((out / "stage2" / "bundle" / "qbridge.json").read_text())["config"]
     assert bundle["alignment_qformer"] and not bundle["qformer"]["with_text"]  # stage 1's copy does ITC/ITM
     # one step again, alone: the rest stays as it was

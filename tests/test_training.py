@@ -56,6 +56,22 @@ def test_stage1_loss_falls_and_resume_is_exact(world, tmp_path):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (a["step"], k)
 
 
+def test_stage1_continues_from_an_earlier_run(world, tmp_path):
+    from safetensors.torch import load_file
+
+    first = load_config(CONFIG_DIR / "tiny_stage1.json", overrides(world, tmp_path / "s1", **{"run.steps": 4}))
+    train(first, progress=False)
+    done = load_file(tmp_path / "s1" / "final" / "stage1.safetensors")
+    # At lr 0 a continued run must end where the earlier one ended; a fresh run (the control) does not.
+    for name, init in (("cont", str(tmp_path / "s1")), ("fresh", "")):
+        cfg = load_config(CONFIG_DIR / "tiny_stage1.json", overrides(
+            world, tmp_path / name, **{"model.init_from": init, "run.steps": 2, "optim.lr": 0.0, "run.seed": 1}))
+        train(cfg, progress=False)
+        got = load_file(tmp_path / name / "final" / "stage1.safetensors")
+        same = got.keys() == done.keys() and all(torch.equal(got[k], done[k]) for k in done)
+        assert same == (name == "cont"), name
+
+
 def test_quality_then_stage2_writes_a_bundle(world, tmp_path):
     from training.quality import score_and_bin
 

@@ -20,7 +20,9 @@ class ModelSection:
     llm: str = ""  # hub id or directory of the frozen causal LM (and its tokenizer); stage 2
     qformer: dict = field(default_factory=dict)  # QFormerConfig fields; encoder_hidden_size comes from the tower
     qformer_tokenizer: str = ""  # text tokenizer of the Q-Former; defaults to the LLM's (a [DEC] token is added)
-    init_from: str = ""  # stage 2: a stage-1 run directory whose ln_vision + Q-Former start this stage
+    # a stage-1 run directory whose weights start this stage: stage 2 takes its ln_vision + Q-Former; stage 1
+    # continues from all of it (fresh optimizer and schedule)
+    init_from: str = ""
     # stage 2: keep init_from's ln_vision + Q-Former, frozen, in the bundle for ITC/ITM (retrieval, alignment
     # scores); the Q-Former trained here then drops its text branch (BridgeConfig.alignment_qformer)
     keep_alignment: bool = False

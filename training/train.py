@@ -254,8 +254,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
     torch.manual_seed(cfg.run.seed)
     parts = build_parts(cfg, with_llm=stage2)
     bridge = parts.bridge
-    if stage2 and cfg.model.init_from:
-        init_stage2(bridge, cfg.model.init_from)
+    if cfg.model.init_from:
+        (init_stage2 if stage2 else init_stage1)(bridge, cfg.model.init_from)
     named = freeze_all_but(bridge, STAGE2_TRAINABLE if stage2 else STAGE1_TRAINABLE)
     n_train = sum(p.numel() for _, p in named)
     if accelerator.is_main_process:
@@ -445,6 +445,14 @@ def load_stage1(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
 
     final = Path(run_dir) / "final"
     return load_file(final / "stage1.safetensors"), final
+
+
+def init_stage1(bridge: Bridge, run_dir: str | Path) -> None:
+    """Continue stage 1 from an earlier stage-1 run's final weights, strictly (a fresh optimizer and schedule:
+    a warm restart). A stage 1 that underfits gets more steps without training its first ones again."""
+    stage1, final = load_stage1(run_dir)
+    load_trainable(bridge, stage1, STAGE1_PARTS,
+                   source=f"{final / 'stage1.safetensors'} (not a stage-1 run of this architecture?)")
 
 
 def init_stage2(bridge: Bridge, run_dir: str | Path) -> None:
