@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
     parts = build_parts(cfg, with_llm=stage2)
     bridge = parts.bridge
     if cfg.model.init_from:
-        (init_stage2 if stage2 else init_stage1)(bridge, cfg.model.init_from)
+        init_from_stage1(bridge, cfg.model.init_from)
     named = freeze_all_but(bridge, STAGE2_TRAINABLE if stage2 else STAGE1_TRAINABLE)
     n_train = sum(p.numel() for _, p in named)
     if accelerator.is_main_process:
@@ -447,16 +447,9 @@ def load_stage1(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
     return load_file(final / "stage1.safetensors"), final
 
 
-def init_stage1(bridge: Bridge, run_dir: str | Path) -> None:
-    """Continue stage 1 from an earlier stage-1 run's final weights, strictly (a fresh optimizer and schedule:
-    a warm restart). A stage 1 that underfits gets more steps without training its first ones again."""
-    stage1, final = load_stage1(run_dir)
-    load_trainable(bridge, stage1, STAGE1_PARTS,
-                   source=f"{final / 'stage1.safetensors'} (not a stage-1 run of this architecture?)")
-
-
-def init_stage2(bridge: Bridge, run_dir: str | Path) -> None:
-    """Start stage 2 from a stage-1 run: its ln_vision + Q-Former, strictly. With a stage-1 copy
+def init_from_stage1(bridge: Bridge, run_dir: str | Path) -> None:
+    """Start a stage from a stage-1 run's final weights: its ln_vision + Q-Former, strictly. Stage 1 so
+    continues an earlier run (a warm restart: this run's optimizer and schedule start afresh). With a stage-1 copy
     (``BridgeConfig.alignment_qformer``) the whole of stage 1 goes into ``bridge.alignment`` and its query
     path into the Q-Former that stage 2 trains (which has no text branch to receive the rest)."""
     stage1, final = load_stage1(run_dir)
