@@ -42,6 +42,22 @@ def test_a_step_with_its_output_is_skipped_and_only_reruns_one_step_from_nothing
     assert set(json.loads((tmp_path / "timings.json").read_text())) == set(STEP_NAMES[:3])
 
 
+def test_an_interrupted_training_step_keeps_its_checkpoints_when_the_build_resumes(tmp_path):
+    run = tmp_path / "stage1"
+    checkpoint = run / "checkpoints" / "step-100"
+    seen = []
+
+    def fn():
+        seen.append(checkpoint.exists())  # what the training run finds to resume from
+        (run / "final").mkdir(parents=True, exist_ok=True)
+
+    checkpoint.mkdir(parents=True)
+    _steps(tmp_path).run("stage 1", run / "final", fn, clear=(run,), resumable=True)
+    assert seen == [True]
+    _steps(tmp_path, only="stage 1").run("stage 1", run / "final", fn, clear=(run,), resumable=True)
+    assert seen == [True, False]  # --only: anew
+
+
 def test_only_a_step_whose_inputs_are_missing_says_which_step_to_run_first(tmp_path):
     steps = _steps(tmp_path, only="llm gate")
     with pytest.raises(SystemExit, match="run `qbridge demo build --only 'data'` first"):

@@ -104,6 +104,34 @@ def test_quality_then_stage2_writes_a_bundle(world, tmp_path):
     assert not torch.equal(bundle.bridge.trainable_state_dict()[k], s1_state[k])
 
 
+def test_stage2_continues_from_an_earlier_stage2_run(world, tmp_path):
+    """model.init_from naming a stage-2 run continues all its trainable weights (the stage-1 copy for ITC/ITM
+    included); at lr 0 the continued bundle equals the earlier one, and one started from stage 1 does not."""
+    from safetensors.torch import load_file
+
+    s1 = load_config(CONFIG_DIR / "tiny_stage1.json", overrides(world, tmp_path / "s1", **{"run.steps": 4}))
+    train(s1, progress=False)
+    common = {"model.keep_alignment": "true", "model.num_quality_levels": 0, "data.captions": "captions_{split}.json"}
+    first = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(
+        world, tmp_path / "a", **{**common, "model.init_from": str(tmp_path / "s1"), "run.steps": 4}))
+    train(first, progress=False)
+    done = load_file(tmp_path / "a" / "bundle" / "model.safetensors")
+    for name, init in (("cont", tmp_path / "a"), ("from-stage1", tmp_path / "s1")):
+        cfg = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path / name, **{
+            **common, "model.init_from": str(init), "run.steps": 2, "optim.lr": 0.0, "run.seed": 1}))
+        train(cfg, progress=False)
+        got = load_file(tmp_path / name / "bundle" / "model.safetensors")
+        same = got.keys() == done.keys() and all(torch.equal(got[k], done[k]) for k in done)
+        assert same == (name == "cont"), name
+
+
+def test_init_from_refuses_a_directory_that_is_no_run(world, tmp_path):
+    cfg = load_config(CONFIG_DIR / "tiny_stage1.json", overrides(
+        world, tmp_path / "x", **{"model.init_from": str(tmp_path), "run.steps": 2}))
+    with pytest.raises(FileNotFoundError, match="is not a stage-1 run"):
+        train(cfg, progress=False)
+
+
 def test_stage2_keeps_the_stage1_qformer_for_alignment_when_asked(world, tmp_path):
     """keep_alignment: stage 2 trains a Q-Former without a text branch; the bundle carries stage 1's, frozen,
     and ITC runs through it, so the bundle retrieves as stage 1 did."""

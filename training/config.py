@@ -21,7 +21,8 @@ class ModelSection:
     qformer: dict = field(default_factory=dict)  # QFormerConfig fields; encoder_hidden_size comes from the tower
     qformer_tokenizer: str = ""  # text tokenizer of the Q-Former; defaults to the LLM's (a [DEC] token is added)
     # a stage-1 run directory whose weights start this stage: stage 2 takes its ln_vision + Q-Former; stage 1
-    # continues from all of it (fresh optimizer and schedule)
+    # continues from all of it (fresh optimizer and schedule). A stage-2 run directory continues stage 2 from
+    # all of its trainable weights (its bundle/), likewise a warm restart
     init_from: str = ""
     # stage 2: keep init_from's ln_vision + Q-Former, frozen, in the bundle for ITC/ITM (retrieval, alignment
     # scores); the Q-Former trained here then drops its text branch (BridgeConfig.alignment_qformer)

@@ -30,6 +30,19 @@ class Parts:
     image_processor: object
 
 
+def _alignment_queries(init_from: str, num_query_tokens: int) -> int:
+    """Queries of the frozen stage-1 copy (0: as many as the trained Q-Former) that a stage 2 keeps from
+    ``init_from``: a stage-1 run's own count, or what a stage-2 run being continued already carries."""
+    stage1 = Path(init_from) / "final" / "bridge_config.json"
+    if stage1.is_file():
+        q = json.loads(stage1.read_text())["qformer"]["num_query_tokens"]
+        return q if q != num_query_tokens else 0
+    stage2 = Path(init_from) / "bundle" / "qbridge.json"
+    if stage2.is_file():
+        return json.loads(stage2.read_text())["config"].get("alignment_query_tokens", 0)
+    return 0
+
+
 def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
@@ -57,11 +70,7 @@ def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
         **{**m.qformer, "encoder_hidden_size": vision_hidden_size(vision), "vocab_size": len(qtok),
            "pad_token_id": qtok.pad_token_id, **({"with_text": False} if alignment else {})}
     )
-    align_queries = 0
-    stage1_config = Path(m.init_from) / "final" / "bridge_config.json"
-    if alignment and m.init_from and stage1_config.is_file():
-        q = json.loads(stage1_config.read_text())["qformer"]["num_query_tokens"]
-        align_queries = q if q != qcfg.num_query_tokens else 0
+    align_queries = _alignment_queries(m.init_from, qcfg.num_query_tokens) if alignment and m.init_from else 0
     bcfg = BridgeConfig(
         qformer=qcfg,
         vision_hidden_size=vision_hidden_size(vision),

@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
     parts = build_parts(cfg, with_llm=stage2)
     bridge = parts.bridge
     if cfg.model.init_from:
-        init_from_stage1(bridge, cfg.model.init_from)
+        init_from_run(bridge, cfg.model.init_from, stage2)
     named = freeze_all_but(bridge, STAGE2_TRAINABLE if stage2 else STAGE1_TRAINABLE)
     n_train = sum(p.numel() for _, p in named)
     if accelerator.is_main_process:
@@ -445,6 +445,24 @@ def load_stage1(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
 
     final = Path(run_dir) / "final"
     return load_file(final / "stage1.safetensors"), final
+
+
+def init_from_run(bridge: Bridge, run_dir: str | Path, stage2: bool) -> None:
+    """``model.init_from``: a stage-1 run starts either stage (:func:`init_from_stage1`); a stage-2 run (its
+    ``bundle/``) continues stage 2 with all of its trainable weights, strictly (a warm restart: this run's
+    optimizer and schedule start afresh)."""
+    from safetensors.torch import load_file
+
+    run = Path(run_dir)
+    if (run / "final" / "stage1.safetensors").is_file():
+        init_from_stage1(bridge, run)
+        return
+    weights = run / "bundle" / "model.safetensors"
+    if stage2 and weights.is_file():
+        load_trainable(bridge, load_file(weights), source=f"{weights} (a stage-2 run of another architecture?)")
+        return
+    runs = "a stage-1 run (final/stage1.safetensors)" + (" or a stage-2 run (bundle/model.safetensors)" if stage2 else "")
+    raise FileNotFoundError(f"model.init_from={run_dir} is not {runs}")
 
 
 def init_from_stage1(bridge: Bridge, run_dir: str | Path) -> None:

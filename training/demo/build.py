@@ -120,7 +120,11 @@ class Steps:
         self.log = log  # JSON {step: seconds} of the steps run here (a resumed build keeps earlier entries)
         self.only = only
 
-    def run(self, name: str, marker: Path, fn, clear: tuple[Path, ...] = ()) -> None:
+    def run(self, name: str, marker: Path, fn, clear: tuple[Path, ...] = (), resumable: bool = False) -> None:
+        """``clear``: outputs removed before the step runs anew. A ``resumable`` step (a training run that
+        picks up from its latest checkpoint) keeps them when a build resumes, and loses them only under
+        ``--only``."""
+
         if self.only is not None and name != self.only:
             if not marker.exists() and name in NEEDS[self.only]:
                 raise SystemExit(f"step {self.only!r} needs the output of step {name!r} ({marker}): "
@@ -134,6 +138,8 @@ class Steps:
         if marker.exists() and self.only is None:
             print(f"    already done: {marker}")
         else:
+            if resumable and self.only is None:
+                clear = ()  # an interrupted training run goes on from its checkpoints
             for path in (*clear, marker):  # a step run again starts from nothing, not from its old checkpoints
                 if path.is_dir():
                     shutil.rmtree(path)
@@ -243,11 +249,15 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
 
     def stage1():
         for i, cfg in enumerate(s1s):
-            print(f"    cycle {i + 1} of {len(s1s)}: {cfg.run.steps} steps{' from the last cycle' if i else ''}")
+            head = f"    cycle {i + 1} of {len(s1s)}: {cfg.run.steps} steps{' from the last cycle' if i else ''}"
+            if (Path(cfg.run.out_dir) / "final" / "stage1.safetensors").exists():
+                print(f"{head}: already done ({cfg.run.out_dir})")  # a resumed build keeps finished cycles
+                continue
+            print(head)
             train(cfg, progress=progress)
 
     steps.run("stage 1", out / "stage1" / "final" / "stage1.safetensors", stage1,
-              clear=(out / "stage1", out / "stage1-cycles", cache))
+              clear=(out / "stage1", out / "stage1-cycles", cache), resumable=True)
 
     def stage1_gate():
         figures = stage1_retrieval(s1, str(out / "stage1"), "val")
@@ -271,7 +281,7 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
 
     steps.run("stage 2", out / "stage2" / "bundle" / "qbridge.json", lambda: stage2("stage2", plan.stage2_steps, [
         f"run.context_only_steps={plan.stage2_context_steps}", f"optim.lr={plan.stage2_lr}"]),
-              clear=(out / "stage2",))
+              clear=(out / "stage2",), resumable=True)
     bundle_dir = out / "stage2" / "bundle"
     report_json = out / "report.json"
 
