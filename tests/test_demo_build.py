@@ -123,8 +123,12 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
 
     task = load_bundle(out / "stage2" / "bundle").tasks["largest-colour"]
     assert task.figures["steps"] == 4 and "## A new task by prompt tuning: `largest-colour`" in report
-    llm = json.loads((out / "llm" / "pretrain.json").read_text())  # the LLM's second phase continued the first
-    assert llm["init_from"] == str(out / "llm") and llm["n_questions"] == 16 and llm["answer_weight"] == 2.0
+    llm = json.loads((out / "llm" / "pretrain.json").read_text())  # the LLM's second cycle continued the first
+    assert llm["init_from"] == str(out / "llm-cycles" / "0") and llm["keep_tables"] and llm["metrics"]["steps"] == 4
+    s2 = json.loads((out / "stage2" / "config.json").read_text())  # so did stage 2's
+    assert s2["model"]["init_from"] == str(out / "stage2-cycles" / "0")
+    assert json.loads((out / "stage2-cycles" / "0" / "config.json").read_text())["model"]["init_from"] == str(
+        out / "stage1")
     cycles = [json.loads((d / "config.json").read_text()) for d in (out / "stage1-cycles" / "0", out / "stage1")]
     assert [c["run"]["steps"] for c in cycles] == [6, 4]  # stage 1's second cosine cycle continues the first
     assert cycles[1]["model"]["init_from"] == str(out / "stage1-cycles" / "0") and not cycles[0]["model"]["init_from"]

@@ -52,14 +52,14 @@ class Plan:
     image_size: int = 160  # the vision tower's input: a 10x10 feature grid
     data_size: int = 224  # rendered scenes (the vision pretraining renders at 224 and resizes too)
     # Oracle gate (200 val scenes): 2500 steps at lr 2e-3 with 2 key-value heads and 8 questions a scene, then
-    # 1200 at 1e-3 with 16 and answers weighted 2x (the installed bundle's LLM, ~60 min): VQA 0.790. 2000 steps
+    # 1200 at 1e-3 with 16 and answers weighted 2x (an earlier bundle's LLM, ~60 min): VQA 0.790. 2000 steps
     # at lr 5e-4 with 4 key-value heads and 16 questions a scene (27 min): VQA 0.935, caption precision 1.000,
-    # mAP@0.5 1.000. A rate of 2e-3 is what held the look-ups back (README, "The LLM's look-ups")
-    llm_steps: int = 2000
+    # mAP@0.5 1.000. A rate of 2e-3 is what held the look-ups back (README, "The LLM's look-ups"). Like stage 1,
+    # the LLM trains in cosine cycles, each from the last one's weights with its token tables kept
+    llm_cycles: tuple = (2000,)
     llm_lr: float = 5e-4
     llm_kv_heads: int = 4
     llm_questions: int = 16
-    llm_refine_steps: int = 0  # an optional second phase: more questions, answers weighted 2x, lr 1e-3
     vision_steps: int = 640
     # Stage 1 in cosine cycles, each from the last one's weights (warm restarts, a fresh optimizer). val i2t R@1
     # 0.300 at 800 steps, 0.495 at 1600, 0.750 (R@5 0.99) at 3200. It underfits rather than memorises (R@1 0.778
@@ -77,6 +77,7 @@ class Plan:
     stage2_steps: int = 6000
     stage2_context_steps: int = 4000
     stage2_lr: float = 2e-3  # the main stage 2's peak rate (the ablation's runs keep demo_stage2.json's)
+    stage2_cycles: int = 1  # that schedule this many times, each cycle from the last one's weights
     ablation_steps: int = 300
     task_steps: int = 300  # prompt tuning of the demo's new task (training/demo/new_task.py)
     eval_n: int | None = None  # all test images
@@ -88,8 +89,8 @@ class Plan:
     quick: bool = False  # tiny model sizes too
 
 
-QUICK = Plan(n_train=64, n_test=8, n_heldout=4, image_size=64, data_size=64, llm_steps=10, llm_refine_steps=4,
-             vision_steps=10, stage1_cycles=(6, 4), stage2_steps=12, stage2_context_steps=4, ablation_steps=4, task_steps=4, eval_n=8, gate_n=4, probe_scenes=(16, 8), quick=True)
+QUICK = Plan(n_train=64, n_test=8, n_heldout=4, image_size=64, data_size=64, llm_cycles=(10, 4),
+             vision_steps=10, stage1_cycles=(6, 4), stage2_steps=12, stage2_cycles=2, stage2_context_steps=4, ablation_steps=4, task_steps=4, eval_n=8, gate_n=4, probe_scenes=(16, 8), quick=True)
 DEMO_TASK = "largest-colour"  # the task prompt the build trains into the demo bundle
 # Stage 1's gate: val image->text R@1 before its alignment scores become quality levels.
 STAGE1_GATE = 0.80
@@ -211,15 +212,22 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
         data, n=plan.n_train, seed=plan.seed, noise=plan.noise, n_val=max(1, plan.n_test // 5), n_test=plan.n_test,
         n_heldout=plan.n_heldout, size=(plan.data_size, plan.data_size), progress=progress), clear=(data,))
     steps.run("tokenizer", llm / "tokenizer.json", lambda: pretrain.train_tokenizer(None, llm, seed=plan.seed))
-    def llm_step():
-        pretrain.pretrain_llm(None, llm, llm, plan.llm_steps, seed=plan.seed, lr=plan.llm_lr,
-                              n_questions=plan.llm_questions, progress=progress,
-                              **(pretrain.TINY_LLM if plan.quick else {"num_kv_heads": plan.llm_kv_heads}))
-        if plan.llm_refine_steps:  # then more questions a scene, answers weighted 2x, at half the rate
-            pretrain.pretrain_llm(None, llm, llm, plan.llm_refine_steps, seed=plan.seed, lr=1e-3, warmup=50,
-                                  n_questions=16, answer_weight=2.0, init_from=llm, progress=progress)
+    # Every LLM cycle but the last writes under llm-cycles/; the last one is the LLM the later steps read.
+    llm_runs = [out / "llm-cycles" / str(i) for i in range(len(plan.llm_cycles) - 1)] + [llm]
 
-    steps.run("llm", llm / "model.safetensors", llm_step)
+    def llm_step():
+        for i, (run, n) in enumerate(zip(llm_runs, plan.llm_cycles)):
+            head = f"    cycle {i + 1} of {len(llm_runs)}: {n} steps{' from the last cycle' if i else ''}"
+            if run != llm and (run / "model.safetensors").exists():
+                print(f"{head}: already done ({run})")  # a resumed build keeps finished cycles
+                continue
+            print(head)
+            size = {"init_from": llm_runs[i - 1], "keep_tables": True} if i else (
+                pretrain.TINY_LLM if plan.quick else {"num_kv_heads": plan.llm_kv_heads})
+            pretrain.pretrain_llm(None, llm, run, n, seed=plan.seed, lr=plan.llm_lr, n_questions=plan.llm_questions,
+                                  progress=progress, **size)
+
+    steps.run("llm", llm / "model.safetensors", llm_step, clear=(out / "llm-cycles",), resumable=True)
 
     def llm_gate():
         figures = evaluate_oracle(llm, data, "val", plan.gate_n, progress=progress)
@@ -273,15 +281,24 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
 
     steps.run("contexts", data / "contexts_train.json", lambda: pretrain.write_contexts(data, "train"))
 
-    def stage2(name: str, steps_: int, extra: list[str]):
-        cfg = load_config(CONFIG_DIR / "demo_stage2.json", [
-            *paths, f"model.init_from={out / 'stage1'}", f"run.out_dir={out / name}", f"run.steps={steps_}",
-            f"run.feature_cache={cache}", *extra, *plan.overrides])
-        train(cfg, progress=progress)
+    # Every stage-2 cycle but the last runs under stage2-cycles/; the last one is the bundle the later steps read.
+    s2_runs = [out / "stage2-cycles" / str(i) for i in range(plan.stage2_cycles - 1)] + [out / "stage2"]
 
-    steps.run("stage 2", out / "stage2" / "bundle" / "qbridge.json", lambda: stage2("stage2", plan.stage2_steps, [
-        f"run.context_only_steps={plan.stage2_context_steps}", f"optim.lr={plan.stage2_lr}"]),
-              clear=(out / "stage2",), resumable=True)
+    def stage2():
+        for i, run in enumerate(s2_runs):
+            head = f"    cycle {i + 1} of {len(s2_runs)}: {plan.stage2_steps} steps{' from the last cycle' if i else ''}"
+            if (run / "bundle" / "qbridge.json").exists():
+                print(f"{head}: already done ({run})")  # a resumed build keeps finished cycles
+                continue
+            print(head)
+            train(load_config(CONFIG_DIR / "demo_stage2.json", [
+                *paths, f"model.init_from={s2_runs[i - 1] if i else out / 'stage1'}", f"run.out_dir={run}",
+                f"run.steps={plan.stage2_steps}", f"run.feature_cache={cache}",
+                f"run.context_only_steps={plan.stage2_context_steps}", f"optim.lr={plan.stage2_lr}",
+                *plan.overrides]), progress=progress)
+
+    steps.run("stage 2", out / "stage2" / "bundle" / "qbridge.json", stage2,
+              clear=(out / "stage2", out / "stage2-cycles"), resumable=True)
     bundle_dir = out / "stage2" / "bundle"
     report_json = out / "report.json"
 
