@@ -46,14 +46,37 @@ def test_cached_features_match_on_the_fly_encoding_at_fp16_precision(tmp_path):
     assert set(again) == set(cache) and all(torch.equal(again[k], cache[k]) for k in cache)
 
 
-def test_the_cache_depends_on_the_images_not_on_the_task_mix(tmp_path):
-    """Stage 1 (captions) and stage 2 (captions, VQA, detection) of one split share one cache; other images
-    do not."""
+def test_the_cache_depends_on_the_tower_and_split_not_on_the_task_mix(tmp_path):
+    """Stage 1 (captions) and stage 2 (captions, VQA, detection) of one split share one cache, and so do runs on
+    subsets of its images; another split does not."""
+    from dataclasses import replace
+
     from training.config import TrainConfig
     from training.train import cache_fingerprint
 
     cfg = TrainConfig()
-    captions = [Example(1, "a.png", "", "a circle"), Example(2, "b.png", "", "a square")]
-    mixed = captions + [Example(1, "a.png", "question: how many?", "1"), Example(2, "b.png", "detect:", "...")]
-    assert cache_fingerprint(cfg, captions) == cache_fingerprint(cfg, mixed)
-    assert cache_fingerprint(cfg, captions) != cache_fingerprint(cfg, captions[:1])
+    assert cache_fingerprint(cfg) == cache_fingerprint(TrainConfig())
+    assert cache_fingerprint(cfg) != cache_fingerprint(replace(cfg, data=replace(cfg.data, split="val")))
+
+
+def test_a_cache_adds_the_images_it_lacks_and_serves_subsets(tmp_path):
+    root = tmp_path / "data"
+    shapes.write_dataset(root, 6, seed=3, n_val=0, n_test=0, n_heldout=0, size=(32, 32), progress=False)
+    paths = sorted((root / "images" / "train").glob("*.png"))
+    examples = [Example(i, str(p), "", "caption") for i, p in enumerate(paths)]
+    _, _, proc = tiny_bridge()
+    encode, seen = _encoder(), []
+
+    def counting(pixels):
+        seen.append(pixels.shape[0])
+        return encode(pixels)
+
+    first = build_feature_cache(examples[:4], counting, proc, tmp_path / "cache", fingerprint="x")
+    assert set(first) == {0, 1, 2, 3} and sum(seen) == 4
+    more = build_feature_cache(examples, counting, proc, tmp_path / "cache", fingerprint="x")
+    assert set(more) == set(range(6)) and sum(seen) == 6  # only the two new images were encoded
+    assert all(torch.equal(more[k], first[k]) for k in first)
+    subset = build_feature_cache(examples[:2], lambda _: 1 / 0, proc, tmp_path / "cache", fingerprint="x")
+    assert set(subset) >= {0, 1}  # a subset is served from the cache, nothing encoded
+    other = build_feature_cache(examples[:1], counting, proc, tmp_path / "cache", fingerprint="y")
+    assert set(other) == {0} and sum(seen) == 7  # another tower or split: a new cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import random
 import tarfile
 from dataclasses import dataclass
@@ -256,25 +257,35 @@ def build_feature_cache(
 ) -> dict[int, torch.Tensor]:
     """Encode every distinct image once and store the features (fp16) in OUT/features.safetensors.
 
-    An existing cache with the same fingerprint (vision weights + data) is reused.
+    A cache with the same fingerprint (vision weights + dataset split) is reused, and only the images it lacks
+    are encoded and added; one with another fingerprint is replaced. Images that cannot be read are recorded
+    (``skipped``) and not tried again.
     """
     out = Path(out_dir)
     meta_file, weights = out / "meta.json", out / "features.safetensors"
-    if meta_file.is_file() and weights.is_file() and json.loads(meta_file.read_text()).get("fingerprint") == fingerprint:
-        return {int(k): v for k, v in load_file(weights).items()}
-    paths = {}
+    paths: dict[int, str] = {}
     for e in examples:
         paths.setdefault(e.image_id, e.path)
-    source = VisionFeatures(encode, image_processor)
-    ids = sorted(paths)
     feats: dict[str, torch.Tensor] = {}
-    for i in tqdm(range(0, len(ids), batch_size), desc="caching vision features", unit="batch"):
-        chunk = [Example(j, paths[j], "", "") for j in ids[i : i + batch_size]]
+    skipped: list[int] = []
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() and weights.is_file() else {}
+    if meta.get("fingerprint") == fingerprint:
+        feats, skipped = dict(load_file(weights)), list(meta.get("skipped_ids", []))
+    missing = sorted(set(paths) - {int(k) for k in feats} - set(skipped))
+    if not missing and meta.get("fingerprint") == fingerprint:
+        return {int(k): v for k, v in feats.items()}
+    source = VisionFeatures(encode, image_processor)
+    for i in tqdm(range(0, len(missing), batch_size), desc="caching vision features", unit="batch"):
+        chunk = [Example(j, paths[j], "", "") for j in missing[i : i + batch_size]]
         with torch.no_grad():
             f, kept = source(chunk)
         for e, row in zip(kept, f if f is not None else []):
             feats[str(e.image_id)] = row.to(torch.float16).contiguous()
+    skipped += [j for j in missing if str(j) not in feats]
     out.mkdir(parents=True, exist_ok=True)
-    save_file(feats, weights)
-    meta_file.write_text(json.dumps({"fingerprint": fingerprint, "images": len(feats), "skipped": len(source.skipped)}))
+    tmp = weights.with_suffix(".tmp")
+    save_file(feats, tmp)
+    os.replace(tmp, weights)
+    meta_file.write_text(json.dumps({"fingerprint": fingerprint, "images": len(feats), "skipped": len(skipped),
+                                     "skipped_ids": sorted(skipped)}))
     return {int(k): v for k, v in feats.items()}

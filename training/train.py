@@ -391,11 +391,11 @@ def _examples(cfg: TrainConfig, stage2: bool, prompts: TaskPrompts) -> dict[str,
     return {t: builders[t](cfg.data, prompts) for t, w in cfg.data.tasks.items() if w > 0}
 
 
-def cache_fingerprint(cfg: TrainConfig, examples) -> str:
-    """What the frozen features depend on: the tower's weights and the distinct images, not the task mix, so
-    that stage 1 (captions) and stage 2 (captions, VQA, detection) on one split share one cache."""
-    images = hashlib.sha256("\n".join(sorted({f"{e.image_id}:{e.path}" for e in examples})).encode()).hexdigest()
-    return f"{cfg.model.vision}|{_vision_hash(cfg.model.vision)}|{cfg.data.root}|{cfg.data.split}|{images}"
+def cache_fingerprint(cfg: TrainConfig) -> str:
+    """What the frozen features depend on: the tower's weights and the dataset split, not the task mix or which
+    of the split's images a run uses, so that stage 1, stage 2 and the ablation's variants (a filtered subset
+    among them) on one split share one cache (``build_feature_cache`` adds images it lacks)."""
+    return f"{_vision_hash(cfg.model.vision) or cfg.model.vision}|{cfg.data.root}|{cfg.data.split}"
 
 
 def _feature_source(cfg: TrainConfig, parts: Parts, tasks: dict, accelerator) -> VisionFeatures:
@@ -403,7 +403,7 @@ def _feature_source(cfg: TrainConfig, parts: Parts, tasks: dict, accelerator) ->
     if not cfg.run.feature_cache:
         return VisionFeatures(encode, parts.image_processor)
     every = [e for pool in tasks.values() for e in pool]
-    fingerprint = cache_fingerprint(cfg, every)
+    fingerprint = cache_fingerprint(cfg)
     if accelerator.is_main_process:
         build_feature_cache(every, encode, parts.image_processor, cfg.run.feature_cache, fingerprint=fingerprint)
     accelerator.wait_for_everyone()

@@ -210,7 +210,7 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
     data, llm, vision, gates = out / "data", out / "llm", out / "vision", out / "gates"
     # Minutes each step took on 2 idle CPU cores (the ETA's weights).
     steps = Steps({"data": 1.6, "tokenizer": 0.02, "llm": 58, "llm gate": 0.2, "vision": 10, "vision gate": 1,
-                   "stage 1": 118, "stage 1 gate": 0.5, "quality": 11, "contexts": 0.02, "stage 2": 68, "evaluation": 4, "task": 4.5, "ablation": 14},
+                   "stage 1": 118, "stage 1 gate": 0.5, "quality": 11, "contexts": 0.02, "stage 2": 68, "evaluation": 4, "task": 4.5, "ablation": 24},
                   out / "timings.json", only)
     paths = [f"model.vision={vision}", f"model.llm={llm}", f"data.root={data}"]
     enforce = enforce_gates and not plan.quick  # a smoke build's tiny parts cannot pass a gate
