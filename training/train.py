@@ -461,7 +461,8 @@ def init_from_run(bridge: Bridge, run_dir: str | Path, stage2: bool) -> None:
     if stage2 and weights.is_file():
         load_trainable(bridge, load_file(weights), source=f"{weights} (a stage-2 run of another architecture?)")
         return
-    runs = "a stage-1 run (final/stage1.safetensors)" + (" or a stage-2 run (bundle/model.safetensors)" if stage2 else "")
+    runs = "a stage-1 run (final/stage1.safetensors)"
+    runs += " or a stage-2 run (bundle/model.safetensors)" if stage2 else ""
     raise FileNotFoundError(f"model.init_from={run_dir} is not {runs}")
 
 

@@ -78,7 +78,8 @@ class Plan:
     # write numbers 0.389 exact (0.24 at 5e-4); at 4e-3 the run diverges (0.001)
     stage2_steps: int = 6000
     stage2_context_steps: int = 4000
-    stage2_lr: float = 2e-3  # stage 2's peak rate (also the ablation's context phase; its caption runs keep demo_stage2.json's)
+    # stage 2's peak rate, also the ablation's context phase (its caption runs keep demo_stage2.json's)
+    stage2_lr: float = 2e-3
     # That schedule in cycles, each from the last one's weights (a warm restart). The first cycle underfits (its
     # queries wrote train scenes' descriptions 0.902 right, test scenes' 0.875). A second (2026-12-07, 34 min,
     # with the LLM's second cycle under it): test VQA 0.805 -> 0.852, mAP@0.5 0.852 -> 0.874, top caption
@@ -97,7 +98,9 @@ class Plan:
 
 
 QUICK = Plan(n_train=64, n_test=8, n_heldout=4, image_size=64, data_size=64, llm_cycles=(10, 4),
-             vision_steps=10, stage1_cycles=(6, 4), stage2_steps=12, stage2_cycles=2, stage2_context_steps=4, ablation_context_steps=3, ablation_steps=4, task_steps=4, eval_n=8, gate_n=4, probe_scenes=(16, 8), quick=True)
+             vision_steps=10, stage1_cycles=(6, 4), stage2_steps=12, stage2_cycles=2, stage2_context_steps=4,
+             ablation_context_steps=3, ablation_steps=4, task_steps=4, eval_n=8, gate_n=4, probe_scenes=(16, 8),
+             quick=True)
 DEMO_TASK = "largest-colour"  # the task prompt the build trains into the demo bundle
 # Stage 1's gate: val image->text R@1 before its alignment scores become quality levels.
 STAGE1_GATE = 0.80
@@ -132,7 +135,6 @@ class Steps:
         """``clear``: outputs removed before the step runs anew. A ``resumable`` step (a training run that
         picks up from its latest checkpoint) keeps them when a build resumes, and loses them only under
         ``--only``."""
-
         if self.only is not None and name != self.only:
             if not marker.exists() and name in NEEDS[self.only]:
                 raise SystemExit(f"step {self.only!r} needs the output of step {name!r} ({marker}): "
@@ -210,7 +212,8 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
     data, llm, vision, gates = out / "data", out / "llm", out / "vision", out / "gates"
     # Minutes each step took on 2 idle CPU cores (the ETA's weights).
     steps = Steps({"data": 1.6, "tokenizer": 0.02, "llm": 58, "llm gate": 0.2, "vision": 10, "vision gate": 1,
-                   "stage 1": 118, "stage 1 gate": 0.5, "quality": 11, "contexts": 0.02, "stage 2": 68, "evaluation": 4, "task": 4.5, "ablation": 24},
+                   "stage 1": 118, "stage 1 gate": 0.5, "quality": 11, "contexts": 0.02, "stage 2": 68,
+                   "evaluation": 4, "task": 4.5, "ablation": 24},
                   out / "timings.json", only)
     paths = [f"model.vision={vision}", f"model.llm={llm}", f"data.root={data}"]
     enforce = enforce_gates and not plan.quick  # a smoke build's tiny parts cannot pass a gate
@@ -293,7 +296,8 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
 
     def stage2():
         for i, run in enumerate(s2_runs):
-            head = f"    cycle {i + 1} of {len(s2_runs)}: {plan.stage2_steps} steps{' from the last cycle' if i else ''}"
+            head = f"    cycle {i + 1} of {len(s2_runs)}: {plan.stage2_steps} steps"
+            head += " from the last cycle" if i else ""
             if (run / "bundle" / "qbridge.json").exists():
                 print(f"{head}: already done ({run})")  # a resumed build keeps finished cycles
                 continue
