@@ -1,5 +1,6 @@
 """The frozen-feature cache (fp16 on disk) against encoding the same images on the fly."""
 
+import pytest
 import torch
 
 from tests.tiny import tiny_bridge
@@ -23,11 +24,16 @@ def _encoder():
     return encode
 
 
-def test_cached_features_match_on_the_fly_encoding_at_fp16_precision(tmp_path):
+@pytest.fixture
+def examples(tmp_path):
+    """Six rendered scenes as caption examples, image ids 0..5."""
     root = tmp_path / "data"
     shapes.write_dataset(root, 6, seed=3, n_val=0, n_test=0, n_heldout=0, size=(32, 32), progress=False)
     paths = sorted((root / "images" / "train").glob("*.png"))
-    examples = [Example(i, str(p), "", "caption") for i, p in enumerate(paths)]
+    return [Example(i, str(p), "", "caption") for i, p in enumerate(paths)]
+
+
+def test_cached_features_match_on_the_fly_encoding_at_fp16_precision(tmp_path, examples):
     _, _, proc = tiny_bridge()
     encode = _encoder()
     cache = build_feature_cache(examples, encode, proc, tmp_path / "cache", batch_size=4,
@@ -35,7 +41,7 @@ def test_cached_features_match_on_the_fly_encoding_at_fp16_precision(tmp_path):
     with torch.no_grad():
         live, kept = VisionFeatures(encode, proc)(examples)
     cached, kept_cached = VisionFeatures(encode, proc, cache)(examples)
-    assert [e.image_id for e in kept] == [e.image_id for e in kept_cached] == list(range(len(paths)))
+    assert [e.image_id for e in kept] == [e.image_id for e in kept_cached] == list(range(len(examples)))
     assert cached.dtype == live.dtype == torch.float32 and cached.shape == live.shape
     assert live.abs().mean() > 0.5
     torch.testing.assert_close(cached, live, rtol=RTOL, atol=ATOL)
@@ -59,11 +65,7 @@ def test_the_cache_depends_on_the_tower_and_split_not_on_the_task_mix(tmp_path):
     assert cache_fingerprint(cfg) != cache_fingerprint(replace(cfg, data=replace(cfg.data, split="val")))
 
 
-def test_a_cache_adds_the_images_it_lacks_and_serves_subsets(tmp_path):
-    root = tmp_path / "data"
-    shapes.write_dataset(root, 6, seed=3, n_val=0, n_test=0, n_heldout=0, size=(32, 32), progress=False)
-    paths = sorted((root / "images" / "train").glob("*.png"))
-    examples = [Example(i, str(p), "", "caption") for i, p in enumerate(paths)]
+def test_a_cache_adds_the_images_it_lacks_and_serves_subsets(tmp_path, examples):
     _, _, proc = tiny_bridge()
     encode, seen = _encoder(), []
 

@@ -168,6 +168,19 @@ class Steps:
         self.done += self.weights[name]
 
 
+def run_cycles(cycles: list[tuple[Path, int, Path]], train_one) -> None:
+    """A training step in cosine cycles, each from the last one's weights: ``cycles`` holds (run directory,
+    steps, the file a finished run leaves); ``train_one(i, run, steps)`` trains cycle ``i``. A resumed build
+    keeps the finished cycles."""
+    for i, (run, n, done) in enumerate(cycles):
+        head = f"    cycle {i + 1} of {len(cycles)}: {n} steps" + (" from the last cycle" if i else "")
+        if done.exists():
+            print(f"{head}: already done ({run})")
+            continue
+        print(head)
+        train_one(i, run, n)
+
+
 def forget_restored(out: Path, step: str) -> None:
     """A step that ran in ``out`` measured its own record: it is no longer one copied by ``unpack``."""
     path = out / RESTORED
@@ -227,18 +240,14 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
     # Every LLM cycle but the last writes under llm-cycles/; the last one is the LLM the later steps read.
     llm_runs = [out / "llm-cycles" / str(i) for i in range(len(plan.llm_cycles) - 1)] + [llm]
 
-    def llm_step():
-        for i, (run, n) in enumerate(zip(llm_runs, plan.llm_cycles)):
-            head = f"    cycle {i + 1} of {len(llm_runs)}: {n} steps{' from the last cycle' if i else ''}"
-            if run != llm and (run / "model.safetensors").exists():
-                print(f"{head}: already done ({run})")  # a resumed build keeps finished cycles
-                continue
-            print(head)
-            size = {"init_from": llm_runs[i - 1], "keep_tables": True} if i else (
-                pretrain.TINY_LLM if plan.quick else {"num_kv_heads": plan.llm_kv_heads})
-            pretrain.pretrain_llm(None, llm, run, n, seed=plan.seed, lr=plan.llm_lr, n_questions=plan.llm_questions,
-                                  progress=progress, **size)
+    def llm_cycle(i: int, run: Path, n: int) -> None:
+        size = {"init_from": llm_runs[i - 1], "keep_tables": True} if i else (
+            pretrain.TINY_LLM if plan.quick else {"num_kv_heads": plan.llm_kv_heads})
+        pretrain.pretrain_llm(None, llm, run, n, seed=plan.seed, lr=plan.llm_lr, n_questions=plan.llm_questions,
+                              progress=progress, **size)
 
+    def llm_step():
+        run_cycles([(r, n, r / "model.safetensors") for r, n in zip(llm_runs, plan.llm_cycles)], llm_cycle)
     steps.run("llm", llm / "model.safetensors", llm_step, clear=(out / "llm-cycles",), resumable=True)
 
     def llm_gate():
@@ -268,13 +277,8 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
     s1 = s1s[-1]
 
     def stage1():
-        for i, cfg in enumerate(s1s):
-            head = f"    cycle {i + 1} of {len(s1s)}: {cfg.run.steps} steps{' from the last cycle' if i else ''}"
-            if (Path(cfg.run.out_dir) / "final" / "stage1.safetensors").exists():
-                print(f"{head}: already done ({cfg.run.out_dir})")  # a resumed build keeps finished cycles
-                continue
-            print(head)
-            train(cfg, progress=progress)
+        run_cycles([(Path(c.run.out_dir), c.run.steps, Path(c.run.out_dir) / "final" / "stage1.safetensors")
+                    for c in s1s], lambda i, run, n: train(s1s[i], progress=progress))
 
     steps.run("stage 1", out / "stage1" / "final" / "stage1.safetensors", stage1,
               clear=(out / "stage1", out / "stage1-cycles", cache), resumable=True)
@@ -296,20 +300,14 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
     # Every stage-2 cycle but the last runs under stage2-cycles/; the last one is the bundle the later steps read.
     s2_runs = [out / "stage2-cycles" / str(i) for i in range(plan.stage2_cycles - 1)] + [out / "stage2"]
 
-    def stage2():
-        for i, run in enumerate(s2_runs):
-            head = f"    cycle {i + 1} of {len(s2_runs)}: {plan.stage2_steps} steps"
-            head += " from the last cycle" if i else ""
-            if (run / "bundle" / "qbridge.json").exists():
-                print(f"{head}: already done ({run})")  # a resumed build keeps finished cycles
-                continue
-            print(head)
-            train(load_config(CONFIG_DIR / "demo_stage2.json", [
-                *paths, f"model.init_from={s2_runs[i - 1] if i else out / 'stage1'}", f"run.out_dir={run}",
-                f"run.steps={plan.stage2_steps}", f"run.feature_cache={cache}",
-                f"run.context_only_steps={plan.stage2_context_steps}", f"optim.lr={plan.stage2_lr}",
-                *plan.overrides]), progress=progress)
+    def stage2_cycle(i: int, run: Path, n: int) -> None:
+        train(load_config(CONFIG_DIR / "demo_stage2.json", [
+            *paths, f"model.init_from={s2_runs[i - 1] if i else out / 'stage1'}", f"run.out_dir={run}",
+            f"run.steps={n}", f"run.feature_cache={cache}", f"run.context_only_steps={plan.stage2_context_steps}",
+            f"optim.lr={plan.stage2_lr}", *plan.overrides]), progress=progress)
 
+    def stage2():
+        run_cycles([(r, plan.stage2_steps, r / "bundle" / "qbridge.json") for r in s2_runs], stage2_cycle)
     steps.run("stage 2", out / "stage2" / "bundle" / "qbridge.json", stage2,
               clear=(out / "stage2", out / "stage2-cycles"), resumable=True)
     bundle_dir = out / "stage2" / "bundle"
