@@ -157,8 +157,7 @@ class Alignment(nn.Module):
     def __init__(self, cfg: BridgeConfig):
         super().__init__()
         self.ln_vision = nn.LayerNorm(cfg.vision_hidden_size, eps=cfg.vision_layer_norm_eps)
-        self.qformer = QFormer(dataclasses.replace(
-            cfg.qformer, with_text=True, num_query_tokens=cfg.alignment_query_tokens or cfg.qformer.num_query_tokens))
+        self.qformer = QFormer(cfg.alignment_qformer_config or dataclasses.replace(cfg.qformer, with_text=True))
         self.requires_grad_(False)
 
     def query_output(self, vision_feats: torch.Tensor) -> torch.Tensor:

@@ -79,9 +79,10 @@ class BridgeConfig:
     # ITM (retrieval, alignment scores), while the Q-Former that feeds the LLM (then without a text branch, as
     # in BLIP-2's stage 2) is trained on. Without it, stage 2 moves the encoder layers the text branch shares.
     alignment_qformer: bool = False
-    # The stage-1 copy's query count when it differs from the Q-Former's (0: the same): stage 2 may use more
-    # queries, e.g. one per token of the context it learns to write (training.losses.context_loss).
-    alignment_query_tokens: int = 0
+    # The stage-1 copy's own Q-Former config when its shape differs from the trained Q-Former's (None: the
+    # same, with the text branch): stage 2 may use more queries (one per token of the context it learns to
+    # write, training.losses.context_loss), more layers or cross-attention in every layer.
+    alignment_qformer_config: QFormerConfig | None = None
     # The words the LLM was trained to read for each task; bundles without them predate them and used these.
     prompts: TaskPrompts = DEFAULT_PROMPTS
 
@@ -91,11 +92,17 @@ class BridgeConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BridgeConfig":
         d = dict(d)
+        legacy_queries = d.pop("alignment_query_tokens", 0)  # bundles before alignment_qformer_config
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown bridge config fields: {sorted(unknown)}")
         d["qformer"] = QFormerConfig(**d.get("qformer", {}))
+        if d.get("alignment_qformer_config") is not None:
+            d["alignment_qformer_config"] = QFormerConfig(**d["alignment_qformer_config"])
+        elif legacy_queries:
+            d["alignment_qformer_config"] = dataclasses.replace(d["qformer"], with_text=True,
+                                                                num_query_tokens=legacy_queries)
         d["vision"] = ComponentRef(**d["vision"]) if "vision" in d else ComponentRef("embedded", "vision")
         d["llm"] = ComponentRef(**d["llm"]) if "llm" in d else ComponentRef("embedded", "llm")
         d["quality_names"] = tuple(d.get("quality_names", ()))

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qformer.bundle import BundleError, load_bundle, save_bundle, weights_sha256
-from qformer.config import BridgeConfig, ComponentRef
+from qformer.config import BridgeConfig, ComponentRef, QFormerConfig
 from qformer.generation import GenerationConfig, generate
 from qformer.prompts import PRESETS, TaskPrompts, caption_prompt
 from tests.tiny import scene, tiny_bridge
@@ -122,6 +122,20 @@ def test_prompts_round_trip_through_qbridge_json_and_bad_templates_are_refused()
                 {"detect_labels": "detect:"}, {"vqa": "{question"}):
         with pytest.raises(ValueError, match="prompt"):
             TaskPrompts(**bad)
+
+
+def test_the_stage1_copys_own_qformer_config_round_trips_and_old_bundles_keep_their_query_count():
+    """alignment_qformer_config (the stage-1 copy's Q-Former when its shape differs) round-trips through
+    qbridge.json; a bundle from before it, which wrote only alignment_query_tokens, loads as that count."""
+    qformer = QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            with_text=False, num_query_tokens=12, cross_attention_every=1)
+    copy = dataclasses.replace(qformer, with_text=True, num_query_tokens=4, cross_attention_every=2)
+    cfg = BridgeConfig(qformer=qformer, alignment_qformer=True, alignment_qformer_config=copy)
+    assert BridgeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    old = {**cfg.to_dict(), "alignment_query_tokens": 4}
+    del old["alignment_qformer_config"]
+    loaded = BridgeConfig.from_dict(old).alignment_qformer_config
+    assert loaded == dataclasses.replace(qformer, with_text=True, num_query_tokens=4)
 
 
 def test_a_bundle_from_before_prompts_loads_and_answers_with_todays_prompts(saved, tmp_path, capsys):

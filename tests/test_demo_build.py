@@ -127,6 +127,8 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     assert llm["init_from"] == str(out / "llm-cycles" / "0") and llm["keep_tables"] and llm["metrics"]["steps"] == 4
     s2 = json.loads((out / "stage2" / "config.json").read_text())  # so did stage 2's
     assert s2["model"]["init_from"] == str(out / "stage2-cycles" / "0")
+    s2_first = json.loads((out / "stage2-cycles" / "0" / "config.json").read_text())["run"]
+    assert [(c["steps"], c["context_only_steps"]) for c in (s2_first, s2["run"])] == [(8, 8), (4, 0)]
     assert json.loads((out / "stage2-cycles" / "0" / "config.json").read_text())["model"]["init_from"] == str(
         out / "stage1")
     cycles = [json.loads((d / "config.json").read_text()) for d in (out / "stage1-cycles" / "0", out / "stage1")]
@@ -134,6 +136,8 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     assert cycles[1]["model"]["init_from"] == str(out / "stage1-cycles" / "0") and not cycles[0]["model"]["init_from"]
     bundle = json.loads((out / "stage2" / "bundle" / "qbridge.json").read_text())["config"]
     assert bundle["alignment_qformer"] and not bundle["qformer"]["with_text"]  # stage 1's copy does ITC/ITM
+    # stage 2's own Q-Former cross-attends in every layer, from scratch; the copy keeps stage 1's shape
+    assert bundle["qformer"]["cross_attention_every"] == 1 != bundle["alignment_qformer_config"]["cross_attention_every"]
     # one step again, alone: the rest stays as it was
     before = (out / "report.json").stat().st_mtime_ns
     assert main(["build", "--out", str(out), "--quick", "--only", "vision gate"]) == 0

@@ -367,7 +367,49 @@ def test_stage2_may_use_more_queries_than_its_stage1_copy(world, tmp_path):
         "data.captions": "captions_{split}.json"}))
     train(cfg, progress=False)
     bridge = load_bundle(tmp_path / "s2" / "bundle").bridge
-    assert bridge.cfg.qformer.num_query_tokens == 2 * n1 + 1 and bridge.cfg.alignment_query_tokens == n1
+    assert bridge.cfg.qformer.num_query_tokens == 2 * n1 + 1
+    assert bridge.cfg.alignment_qformer_config.num_query_tokens == n1
     s1_queries = load_file(tmp_path / "s1" / "final" / "stage1.safetensors")["qformer.query_tokens"]
     torch.testing.assert_close(bridge.alignment.qformer.query_tokens.float(), s1_queries, atol=1e-3, rtol=1e-3)
     assert bridge.aligner.query_output(torch.randn(1, 16, bridge.cfg.vision_hidden_size)).shape[1] == n1
+
+
+def test_stage2_qformer_of_its_own_shape_from_scratch(world, tmp_path):
+    """model.init_qformer=false: the stage-1 copy is stage 1's, exactly; stage 2's own Q-Former (here with
+    cross-attention in every layer and one more layer, which no stage-1 weights fit) starts from scratch; the
+    bundle loads back with both shapes, and a run continued from it keeps the copy's shape."""
+    from safetensors.torch import load_file
+
+    from qformer.bundle import load_bundle
+
+    s1 = load_config(CONFIG_DIR / "tiny_stage1.json", overrides(world, tmp_path / "s1", **{"run.steps": 4}))
+    train(s1, progress=False)
+    layers = s1.model.qformer["num_hidden_layers"]
+    shape = {"model.qformer.cross_attention_every": 1, "model.qformer.num_hidden_layers": layers + 1,
+             "model.keep_alignment": "true", "model.num_quality_levels": 0, "data.captions": "captions_{split}.json",
+             "run.steps": 2}
+    strict = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path / "strict", **{
+        **shape, "model.init_from": str(tmp_path / "s1")}))
+    with pytest.raises(Exception, match="stage-1 run of this architecture"):
+        train(strict, progress=False)  # stage 1's query path does not fit the new shape
+    cfg = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path / "s2", **{
+        **shape, "model.init_from": str(tmp_path / "s1"), "model.init_qformer": "false"}))
+    train(cfg, progress=False)
+    bridge = load_bundle(tmp_path / "s2" / "bundle").bridge
+    assert bridge.cfg.qformer.num_hidden_layers == layers + 1 and bridge.cfg.qformer.cross_attention_every == 1
+    copy = bridge.cfg.alignment_qformer_config
+    assert copy.num_hidden_layers == layers and copy.with_text
+    s1_state = load_file(tmp_path / "s1" / "final" / "stage1.safetensors")
+    state = bridge.trainable_state_dict()
+    assert {k.removeprefix("alignment.") for k in state if k.startswith("alignment.")} == set(s1_state)
+    more = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path / "s3", **{
+        **shape, "model.init_from": str(tmp_path / "s2"), "model.init_qformer": "false"}))
+    train(more, progress=False)
+    assert load_bundle(tmp_path / "s3" / "bundle").bridge.cfg.alignment_qformer_config == copy
+
+
+def test_init_qformer_off_needs_a_stage1_copy(world, tmp_path):
+    cfg = load_config(CONFIG_DIR / "tiny_stage2.json", overrides(world, tmp_path / "s2", **{
+        "model.init_qformer": "false", "run.steps": 1}))
+    with pytest.raises(ValueError, match="keep_alignment"):
+        train(cfg, progress=False)

@@ -27,6 +27,9 @@ class ModelSection:
     # stage 2: keep init_from's ln_vision + Q-Former, frozen, in the bundle for ITC/ITM (retrieval, alignment
     # scores); the Q-Former trained here then drops its text branch (BridgeConfig.alignment_qformer)
     keep_alignment: bool = False
+    # stage 2 with keep_alignment: start the trained Q-Former from init_from's query path; off, from scratch
+    # (the demo's: a Q-Former of its own shape learns the scene description faster without stage 1's start)
+    init_qformer: bool = True
     num_quality_levels: int = 0
     quality_prompt_len: int = 4
     quality_names: list = field(default_factory=list)

@@ -30,17 +30,16 @@ class Parts:
     image_processor: object
 
 
-def _alignment_queries(init_from: str, num_query_tokens: int) -> int:
-    """Queries of the frozen stage-1 copy (0: as many as the trained Q-Former) that a stage 2 keeps from
-    ``init_from``: a stage-1 run's own count, or what a stage-2 run being continued already carries."""
+def _alignment_config(init_from: str) -> QFormerConfig | None:
+    """The frozen stage-1 copy's Q-Former config that a stage 2 keeps from ``init_from``: a stage-1 run's own
+    (with its text branch), or what a stage-2 run being continued already carries (None: the trained one's)."""
     stage1 = Path(init_from) / "final" / "bridge_config.json"
     if stage1.is_file():
-        q = json.loads(stage1.read_text())["qformer"]["num_query_tokens"]
-        return q if q != num_query_tokens else 0
+        return QFormerConfig(**json.loads(stage1.read_text())["qformer"])
     stage2 = Path(init_from) / "bundle" / "qbridge.json"
     if stage2.is_file():
-        return json.loads(stage2.read_text())["config"].get("alignment_query_tokens", 0)
-    return 0
+        return BridgeConfig.from_dict(json.loads(stage2.read_text())["config"]).alignment_qformer_config
+    return None
 
 
 def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
@@ -70,7 +69,7 @@ def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
         **{**m.qformer, "encoder_hidden_size": vision_hidden_size(vision), "vocab_size": len(qtok),
            "pad_token_id": qtok.pad_token_id, **({"with_text": False} if alignment else {})}
     )
-    align_queries = _alignment_queries(m.init_from, qcfg.num_query_tokens) if alignment and m.init_from else 0
+    align_cfg = _alignment_config(m.init_from) if alignment and m.init_from else None
     bcfg = BridgeConfig(
         qformer=qcfg,
         vision_hidden_size=vision_hidden_size(vision),
@@ -82,7 +81,7 @@ def build_parts(cfg: TrainConfig, with_llm: bool) -> Parts:
         base_vocab_size=base_vocab,
         prompts=preset(m.prompts),
         alignment_qformer=alignment,
-        alignment_query_tokens=align_queries,
+        alignment_qformer_config=align_cfg,
     )
     bridge = Bridge(bcfg, vision, llm)
     if llm is not None:

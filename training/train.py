@@ -252,10 +252,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
     out = Path(cfg.run.out_dir)
     stage2 = cfg.stage == "stage2"
     torch.manual_seed(cfg.run.seed)
+    if not cfg.model.init_qformer and not (stage2 and cfg.model.keep_alignment):
+        raise ValueError("model.init_qformer=false starts stage 2's own Q-Former from scratch beside the stage-1 "
+                         "copy it keeps: it needs stage 2 with model.keep_alignment=true")
     parts = build_parts(cfg, with_llm=stage2)
     bridge = parts.bridge
     if cfg.model.init_from:
-        init_from_run(bridge, cfg.model.init_from, stage2)
+        init_from_run(bridge, cfg.model.init_from, stage2, cfg.model.init_qformer)
     named = freeze_all_but(bridge, STAGE2_TRAINABLE if stage2 else STAGE1_TRAINABLE)
     n_train = sum(p.numel() for _, p in named)
     if accelerator.is_main_process:
@@ -447,7 +450,7 @@ def load_stage1(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
     return load_file(final / "stage1.safetensors"), final
 
 
-def init_from_run(bridge: Bridge, run_dir: str | Path, stage2: bool) -> None:
+def init_from_run(bridge: Bridge, run_dir: str | Path, stage2: bool, init_qformer: bool = True) -> None:
     """``model.init_from``: a stage-1 run starts either stage (:func:`init_from_stage1`); a stage-2 run (its
     ``bundle/``) continues stage 2 with all of its trainable weights, strictly (a warm restart: this run's
     optimizer and schedule start afresh)."""
@@ -455,7 +458,7 @@ def init_from_run(bridge: Bridge, run_dir: str | Path, stage2: bool) -> None:
 
     run = Path(run_dir)
     if (run / "final" / "stage1.safetensors").is_file():
-        init_from_stage1(bridge, run)
+        init_from_stage1(bridge, run, init_qformer)
         return
     weights = run / "bundle" / "model.safetensors"
     if stage2 and weights.is_file():
@@ -466,11 +469,12 @@ def init_from_run(bridge: Bridge, run_dir: str | Path, stage2: bool) -> None:
     raise FileNotFoundError(f"model.init_from={run_dir} is not {runs}")
 
 
-def init_from_stage1(bridge: Bridge, run_dir: str | Path) -> None:
+def init_from_stage1(bridge: Bridge, run_dir: str | Path, init_qformer: bool = True) -> None:
     """Start a stage from a stage-1 run's final weights: its ln_vision + Q-Former, strictly. Stage 1 so
     continues an earlier run (a warm restart: this run's optimizer and schedule start afresh). With a stage-1 copy
-    (``BridgeConfig.alignment_qformer``) the whole of stage 1 goes into ``bridge.alignment`` and its query
-    path into the Q-Former that stage 2 trains (which has no text branch to receive the rest)."""
+    (``BridgeConfig.alignment_qformer``) the whole of stage 1 goes into ``bridge.alignment`` and, unless
+    ``init_qformer`` is off (``model.init_qformer``: a Q-Former of another shape, trained from scratch), its
+    query path into the Q-Former that stage 2 trains (which has no text branch to receive the rest)."""
     stage1, final = load_stage1(run_dir)
     source = f"{final / 'stage1.safetensors'} (not a stage-1 run of this architecture?)"
     if bridge.alignment is None:
@@ -478,6 +482,8 @@ def init_from_stage1(bridge: Bridge, run_dir: str | Path) -> None:
         return
     # The copy keeps stage 1's own queries; the trained Q-Former may have more (repeated from them).
     load_trainable(bridge, {f"alignment.{k}": v for k, v in stage1.items()}, ("alignment.",), source=source)
+    if not init_qformer:
+        return
     init = dict(stage1)
     want = bridge.qformer.query_tokens.shape[1]
     if "qformer.query_tokens" in init and init["qformer.query_tokens"].shape[1] != want:
