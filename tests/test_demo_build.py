@@ -137,7 +137,8 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     bundle = json.loads((out / "stage2" / "bundle" / "qbridge.json").read_text())["config"]
     assert bundle["alignment_qformer"] and not bundle["qformer"]["with_text"]  # stage 1's copy does ITC/ITM
     # stage 2's own Q-Former cross-attends in every layer, from scratch; the copy keeps stage 1's shape
-    assert bundle["qformer"]["cross_attention_every"] == 1 != bundle["alignment_qformer_config"]["cross_attention_every"]
+    copy = bundle["alignment_qformer_config"]
+    assert bundle["qformer"]["cross_attention_every"] == 1 != copy["cross_attention_every"]
     # one step again, alone: the rest stays as it was
     before = (out / "report.json").stat().st_mtime_ns
     assert main(["build", "--out", str(out), "--quick", "--only", "vision gate"]) == 0
