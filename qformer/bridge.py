@@ -7,7 +7,6 @@ the rest of the LLM stays frozen.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -157,7 +156,7 @@ class Alignment(nn.Module):
     def __init__(self, cfg: BridgeConfig):
         super().__init__()
         self.ln_vision = nn.LayerNorm(cfg.vision_hidden_size, eps=cfg.vision_layer_norm_eps)
-        self.qformer = QFormer(cfg.alignment_qformer_config or dataclasses.replace(cfg.qformer, with_text=True))
+        self.qformer = QFormer(cfg.stage1_qformer())
         self.requires_grad_(False)
 
     def query_output(self, vision_feats: torch.Tensor) -> torch.Tensor:

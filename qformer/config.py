@@ -109,6 +109,11 @@ class BridgeConfig:
         d["prompts"] = TaskPrompts(**d["prompts"]) if "prompts" in d else DEFAULT_PROMPTS
         return cls(**d)
 
+    def stage1_qformer(self) -> QFormerConfig:
+        """The frozen stage-1 copy's Q-Former config: ``alignment_qformer_config``, or else the trained one's
+        with its text branch."""
+        return self.alignment_qformer_config or dataclasses.replace(self.qformer, with_text=True)
+
     def replace(self, **changes: Any) -> "BridgeConfig":
         return dataclasses.replace(self, **changes)
 

@@ -16,7 +16,6 @@ about one part costs minutes, not a whole build.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -586,12 +585,10 @@ def unpack(bundle: Path, out: Path, seed: int = 0) -> list[str]:
     stage1.mkdir(parents=True)
     save_file(state, stage1 / "stage1.safetensors")
     shutil.copytree(bundle / "qformer_tokenizer", stage1 / "qformer_tokenizer")
-    copy = BridgeConfig.from_dict(meta).alignment_qformer_config
-    stage1_qformer = dataclasses.asdict(copy) if copy else {**meta["qformer"], "with_text": True}
-    stage1_cfg = {**meta, "qformer": stage1_qformer, "alignment_qformer": False, "alignment_qformer_config": None,
-                  "num_quality_levels": 0, "num_loc_bins": 0}
-    stage1_cfg.pop("alignment_query_tokens", None)  # a bundle from before alignment_qformer_config
-    (stage1 / "bridge_config.json").write_text(json.dumps(stage1_cfg, indent=2))
+    cfg = BridgeConfig.from_dict(meta)
+    stage1_cfg = cfg.replace(qformer=cfg.stage1_qformer(), alignment_qformer=False, alignment_qformer_config=None,
+                             num_quality_levels=0, num_loc_bins=0)
+    (stage1 / "bridge_config.json").write_text(json.dumps(stage1_cfg.to_dict(), indent=2))
     if (out / "stage2").exists():
         shutil.rmtree(out / "stage2")
     shutil.copytree(bundle, out / "stage2" / "bundle")  # stage 2's output is the bundle itself
