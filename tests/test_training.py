@@ -104,6 +104,31 @@ def test_quality_then_stage2_writes_a_bundle(world, tmp_path):
     assert not torch.equal(bundle.bridge.trainable_state_dict()[k], s1_state[k])
 
 
+def test_quality_scores_read_stage1s_feature_cache(world, tmp_path, monkeypatch):
+    """With run.feature_cache set, scoring reads the cache stage 1 wrote (one encoding per image, not one per
+    caption) and gives the scores of encoding each caption's image on the fly, to fp16's precision."""
+    from training.quality import score_and_bin
+
+    cache = tmp_path / "cache"
+    s1 = load_config(CONFIG_DIR / "tiny_stage1.json",
+                     overrides(world, tmp_path / "s1", **{"run.steps": 4, "run.feature_cache": str(cache)}))
+    train(s1, progress=False)
+    from qformer.bridge import Bridge
+
+    def no_encoding(self, pixels):
+        raise AssertionError("scoring encoded an image that stage 1's cache holds")
+
+    with monkeypatch.context() as m:
+        m.setattr(Bridge, "encode_images", no_encoding)
+        cached = json.loads(score_and_bin(s1, str(tmp_path / "s1"), 2, str(tmp_path / "c.json")).read_text())
+    plain = load_config(CONFIG_DIR / "tiny_stage1.json", overrides(world, tmp_path / "s1", **{"run.steps": 4}))
+    fresh = json.loads(score_and_bin(plain, str(tmp_path / "s1"), 2, str(tmp_path / "f.json")).read_text())
+    got = [a["alignment"] for a in cached["annotations"]]
+    want = [a["alignment"] for a in fresh["annotations"]]
+    assert len(got) == len(want) > 0
+    assert got == pytest.approx(want, abs=2e-3)
+
+
 def test_stage2_continues_from_an_earlier_stage2_run(world, tmp_path):
     """model.init_from naming a stage-2 run continues all its trainable weights (the stage-1 copy for ITC/ITM
     included); at lr 0 the continued bundle equals the earlier one, and one started from stage 1 does not."""

@@ -26,10 +26,12 @@ from training.data import VisionFeatures
 
 
 @torch.no_grad()
-def alignment_scores(parts, examples, batch_size: int = 64, max_tokens: int = 64, progress: bool = True) -> list[float]:
-    """ITC cosine similarity (max over queries) of each (image, caption) example."""
+def alignment_scores(parts, examples, batch_size: int = 64, max_tokens: int = 64, progress: bool = True,
+                     source: VisionFeatures | None = None) -> list[float]:
+    """ITC cosine similarity (max over queries) of each (image, caption) example; ``source`` gives the frozen
+    features (default: encode each example's image)."""
     bridge = parts.bridge.eval()
-    source = VisionFeatures(bridge.encode_images, parts.image_processor)
+    source = source or VisionFeatures(bridge.encode_images, parts.image_processor)
     scores: list[float] = []
     for i in tqdm(range(0, len(examples), batch_size), desc="scoring pairs", disable=not progress):
         chunk = examples[i : i + batch_size]
@@ -100,7 +102,7 @@ def score_and_bin(cfg: TrainConfig, stage1_dir: str, levels: int, out: str | Non
     source_file = root / cfg.data.captions.format(split=cfg.data.split)
     data = json.loads(source_file.read_text())
     examples = caption_examples(cfg.data, parts.bridge.cfg.prompts)
-    scores = alignment_scores(parts, examples)
+    scores = alignment_scores(parts, examples, source=_cached_features(cfg, parts, examples))
     level, edges = quantile_levels(scores, levels)
     files = {im["id"] for im in data["images"]}
     anns = [a for a in data["annotations"] if a["image_id"] in files]  # the order caption_examples uses
@@ -114,6 +116,20 @@ def score_and_bin(cfg: TrainConfig, stage1_dir: str, levels: int, out: str | Non
     target.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     print(f"[quality] wrote {target}; edges {[round(e, 3) for e in edges]}")
     return target
+
+
+def _cached_features(cfg: TrainConfig, parts, examples) -> VisionFeatures | None:
+    """Stage 1's feature cache (``run.feature_cache``; it adds the images it lacks), so that the split's images
+    are encoded once, not once per caption: 11 -> ~2 min for 20000 scenes of 3 captions on 2 cores."""
+    if not cfg.run.feature_cache:
+        return None
+    from training.data import build_feature_cache
+    from training.train import cache_fingerprint
+
+    encode = parts.bridge.encode_images
+    cache = build_feature_cache(examples, encode, parts.image_processor, cfg.run.feature_cache,
+                                fingerprint=cache_fingerprint(cfg))
+    return VisionFeatures(encode, parts.image_processor, cache)
 
 
 def _noise_by_level(anns: list[dict], level: list[int]) -> dict:
