@@ -207,15 +207,20 @@ def classify_main(argv: list[str] | None = None) -> int:
 
     The Q-Former's own ITC head scores the image against each label written into a prompt (no LLM); prints
     one 'label probability' line per label, most likely first. Several --template are averaged per label
-    (prompt ensembling); without one the server uses 'a photo of a {}.'."""
+    (prompt ensembling), or with --ensemble max each label is scored by its best template; without one the
+    server uses 'a photo of a {}.'."""
     p = _client_parser("qbridge classify", classify_main.__doc__, generates=False)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--labels", nargs="+", required=True, metavar="LABEL",
                    help="the candidate labels (quote a label with spaces: 'red circle')")
     p.add_argument("--template", action="append", default=None, metavar="T",
                    help="a prompt with one {} where the label goes, e.g. 'a drawing of a {}' (repeatable)")
+    p.add_argument("--ensemble", choices=("mean", "max"), default="mean",
+                   help="how a label's templates combine: 'mean' averages its text features (default), 'max' "
+                        "takes its best template (for templates that vary another attribute: 'a red {}', ...)")
     args = p.parse_args(argv)
     data = [("labels", label) for label in args.labels] + [("templates", t) for t in args.template or ()]
+    data.append(("ensemble", args.ensemble))
     body = _post(args, "/v1/classify", data)
     if body is None:
         return 1

@@ -23,9 +23,9 @@ turns), so the event loop stays free for health checks and request parsing. How 
 and how generation is scheduled per iteration with a backend that decodes token by token, is told in
 `service.batching`. An image encoded once (`encode_image`) stays in the cache; later jobs name its `image_id`.
 
-Alignment batches group items with equal keys: ("classify", labels, templates) and ("match", texts, ()) —
-one image per item, the text side computed once for the whole batch — and ("embed_text", (), ()) /
-("embed_image", (), ()) for embeddings, whatever their contents. The engine answers alignment work only when
+Alignment batches group items with equal keys: ("classify", labels, templates, ensemble) and ("match", texts,
+(), "") — one image per item, the text side computed once for the whole batch — and ("embed_text", (), (), "")
+/ ("embed_image", (), (), "") for embeddings, whatever their contents. The engine answers alignment work only when
 the bundle can align (`can_align`: its aligner's Q-Former has a text branch and the bundle a
 `qformer_tokenizer`); otherwise 400 `alignment_not_supported` with `alignment_problem` as the message.
 
@@ -128,6 +128,7 @@ class AlignJob:
     task: str  # "classify" | "match"
     texts: tuple[str, ...]
     templates: tuple[str, ...] = alignment.DEFAULT_TEMPLATES  # classify only
+    ensemble: str = "mean"  # classify only: how a label's templates combine (`alignment.ENSEMBLES`)
     image: Image.Image | None = None
     image_id: str | None = None
 
@@ -432,10 +433,10 @@ class Engine:
             raise BadRequest("nothing to score")
         features, size = await self._features(ticket, job.image, job.image_id, "image_id")
         if job.task == "classify":
-            key: Hashable = ("classify", tuple(job.texts), tuple(job.templates))
+            key: Hashable = ("classify", tuple(job.texts), tuple(job.templates), job.ensemble)
             rows = 1  # the labels' text features are computed once per batch
         elif job.task == "match":
-            key, rows = ("match", tuple(job.texts), ()), len(job.texts)  # one joint pass per (image, text)
+            key, rows = ("match", tuple(job.texts), (), ""), len(job.texts)  # one joint pass per (image, text)
         else:
             raise BadRequest("unknown alignment task")
         scores = await self._align(ticket, key, rows, features.unsqueeze(0))
@@ -453,7 +454,7 @@ class Engine:
         async def embed_texts():
             if not texts:
                 return None
-            return await self._align(ticket, ("embed_text", (), ()), len(texts), tuple(v for _, v in texts))
+            return await self._align(ticket, ("embed_text", (), (), ""), len(texts), tuple(v for _, v in texts))
 
         async def embed_images():
             if not images:
@@ -461,7 +462,8 @@ class Engine:
             found = await _gather([
                 self._features(ticket, value if kind == "image" else None, value if kind == "image_id" else None,
                                params[i]) for i, kind, value in images])
-            return await self._align(ticket, ("embed_image", (), ()), len(images), torch.stack([f for f, _ in found]))
+            return await self._align(ticket, ("embed_image", (), (), ""), len(images),
+                                      torch.stack([f for f, _ in found]))
 
         text_part, image_vectors = await _gather([embed_texts(), embed_images()])
         vectors = torch.empty(len(job.inputs), self.embed_dim)
@@ -546,13 +548,14 @@ class Engine:
         return self.bridge.project_queries(feats), (feats if self.can_align else None)
 
     async def _align_batch(self, batch: list[_Item]) -> list[Any]:
-        kind, texts, templates = batch[0].key  # equal keys: one kind, one label/text tuple, one template tuple
+        kind, texts, templates, ensemble = batch[0].key  # equal keys: one kind, labels/texts, templates, ensemble
         payloads = [it.payload for it in batch]
         return await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._align_sync, kind, texts, templates, payloads)
+            self.executor, self._align_sync, kind, texts, templates, ensemble, payloads)
 
     @torch.no_grad()
-    def _align_sync(self, kind: str, texts: tuple[str, ...], templates: tuple[str, ...], payloads: list[Any]):
+    def _align_sync(self, kind: str, texts: tuple[str, ...], templates: tuple[str, ...], ensemble: str,
+                    payloads: list[Any]):
         """One forward for the whole batch; the result split back per item (model thread)."""
         bridge, qtok = self.bridge, self.qformer_tokenizer
         if kind == "embed_text":
@@ -569,7 +572,7 @@ class Engine:
         if kind == "embed_image":
             return list(alignment.image_embeddings(bridge, feats).cpu().split(sizes))
         if kind == "classify":
-            probs = alignment.classify(bridge, qtok, feats, list(texts), templates).cpu()
+            probs = alignment.classify(bridge, qtok, feats, list(texts), templates, ensemble).cpu()
             return [{"probability": row.tolist()} for row in probs]  # one image per item
         if kind == "match":
             scores = alignment.match(bridge, qtok, feats, list(texts))

@@ -104,8 +104,12 @@ class ClassifyRequest(ImageSource):
     templates: list[Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)]] | None = Field(
         None, min_length=1, max_length=MAX_TEMPLATES,
         description="prompt templates, each with exactly one {} where the label goes (default: 'a photo of a {}.'); "
-        "with several, each label's text features are averaged over them (prompt ensembling)",
+        "with several, they are combined as `ensemble` says (prompt ensembling)",
     )
+    ensemble: Literal["mean", "max"] = Field(
+        "mean", description="how a label's templates combine: 'mean' averages its text features over them (CLIP's "
+        "prompt ensembling); 'max' scores it by its best template, for templates that vary what the labels do not "
+        "name ('a red {}', 'a blue {}', ...)")
 
 
 class MatchRequest(ImageSource):
@@ -221,6 +225,7 @@ class LabelProbability(_Out):
 class ClassifyResponse(_Out):
     labels: list[LabelProbability] = Field(description="every label with its probability, highest first")
     templates: list[str] = Field(description="the templates the labels were written into")
+    ensemble: str = Field(description="how each label's templates were combined: 'mean' or 'max'")
     timings: AlignmentTimings
     model: str
 

@@ -339,12 +339,13 @@ async def classify(request: Request):
     templates = align.check_templates(req.templates)
     fields, _ = await image_job_fields(state, image_source(parsed))
     try:
-        result = await run_job(request, engine, AlignJob("classify", labels, templates, **fields))
+        result = await run_job(request, engine, AlignJob("classify", labels, templates, req.ensemble, **fields))
     except ClientGone:
         return disconnected()
     ranked = sorted(zip(labels, result.scores["probability"]), key=lambda lp: -lp[1])
     return ClassifyResponse(labels=[LabelProbability(label=label, probability=round(p, 6)) for label, p in ranked],
-                            templates=list(templates), timings=alignment_timings(result), model=engine.model_name)
+                            templates=list(templates), ensemble=req.ensemble, timings=alignment_timings(result),
+                            model=engine.model_name)
 
 
 @router.post("/v1/match", response_model=MatchResponse, responses=_ERRORS, openapi_extra=_body_doc("MatchRequest"),

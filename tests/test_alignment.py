@@ -49,6 +49,25 @@ def test_prompt_ensembling_averages_each_labels_text_features(parts):
     assert not torch.allclose(probs, alignment.classify(bridge, tok, feats, ["circle", "square"]), atol=1e-4)
 
 
+def test_the_max_ensemble_scores_each_label_by_its_best_template(parts):
+    bridge, tok, feats = parts
+    templates = ("a photo of a {}.", "there is a {}", "a red {}")
+    probs = alignment.classify(bridge, tok, feats, ["circle", "square"], templates, ensemble="max")
+    image = bridge.qformer.image_features(bridge.query_output(feats))
+    sims = torch.stack([bridge.qformer.similarity(image, torch.cat([one_text(bridge, tok, t.format(label))
+                                                                   for label in ("circle", "square")]))
+                        for t in templates])  # (T, B, L)
+    want = (sims.amax(0) / bridge.qformer.temp).softmax(-1)
+    torch.testing.assert_close(probs, want, atol=1e-5, rtol=1e-5)
+    mean = alignment.classify(bridge, tok, feats, ["circle", "square"], templates)
+    assert not torch.allclose(probs, mean, atol=1e-4)
+    # one template: the two ensembles are the same
+    torch.testing.assert_close(alignment.classify(bridge, tok, feats, ["circle", "square"], templates[:1], "max"),
+                               alignment.classify(bridge, tok, feats, ["circle", "square"], templates[:1]))
+    with pytest.raises(ValueError, match="ensemble"):
+        alignment.classify(bridge, tok, feats, ["circle"], templates, ensemble="median")
+
+
 def test_match_scores_every_pair_as_one_pair_at_a_time(parts):
     bridge, tok, feats = parts
     texts = ["a red circle", "two blue squares and a star"]

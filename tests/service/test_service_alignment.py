@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import subprocess
 import sys
 
@@ -119,6 +120,17 @@ def test_classify_equals_the_library_with_one_template_and_with_several(client, 
     assert_ranked(r.json())
     got = probabilities(r.json())
     for label, p in zip(LABELS, ensembled.tolist()):
+        assert got[label] == pytest.approx(p, abs=TOL), label
+
+    best = alignment.classify(aligned.bridge, aligned.qformer_tokenizer, features(aligned, 0), LABELS, TEMPLATES,
+                              ensemble="max")[0]
+    assert (best - ensembled).abs().max() > 10 * TOL  # the two ensembles differ
+    r = client.post("/v1/classify", json={"image": b64(pngs[0]), "labels": LABELS, "templates": TEMPLATES,
+                                          "ensemble": "max"})
+    assert r.status_code == 200, r.text
+    assert r.json()["ensemble"] == "max"
+    got = probabilities(r.json())
+    for label, p in zip(LABELS, best.tolist()):
         assert got[label] == pytest.approx(p, abs=TOL), label
 
 
@@ -239,9 +251,9 @@ def recorder(engine) -> list[tuple]:
     calls = []
     plain = engine._align_sync
 
-    def spy(kind, texts, templates, payloads):
+    def spy(kind, texts, templates, ensemble, payloads):
         calls.append((kind, texts, len(payloads)))
-        return plain(kind, texts, templates, payloads)
+        return plain(kind, texts, templates, ensemble, payloads)
 
     engine._align_sync = spy
     return calls
@@ -257,7 +269,8 @@ def test_equal_alignment_requests_batch_into_one_forward(aligned):
         await engine._aligner.slots.acquire()  # the model thread is busy: requests queue up
         jobs = [AlignJob("classify", tuple(LABELS), image_id=i) for i in (a, b, c)]
         jobs += [AlignJob("classify", ("cat", "dog"), image_id=a),
-                 AlignJob("match", tuple(TEXTS[:2]), image_id=a), AlignJob("match", tuple(TEXTS[:2]), image_id=b)]
+                 AlignJob("match", tuple(TEXTS[:2]), image_id=a), AlignJob("match", tuple(TEXTS[:2]), image_id=b),
+                 AlignJob("classify", tuple(LABELS), ensemble="max", image_id=b)]
         embeds = [EmbedJob([("text", t)]) for t in TEXTS]
         tasks = [asyncio.create_task(job(engine, j)) for j in jobs + embeds]
         await until(lambda: len(engine._aligner.items) == len(tasks))
@@ -265,9 +278,10 @@ def test_equal_alignment_requests_batch_into_one_forward(aligned):
         engine._aligner.slots.release()
         results = await asyncio.gather(*tasks)
         assert sorted(calls) == sorted([("classify", tuple(LABELS), 3), ("classify", ("cat", "dog"), 1),
+                                        ("classify", tuple(LABELS), 1),  # another ensemble: its own batch
                                         ("match", tuple(TEXTS[:2]), 2), ("embed_text", (), 3)])
         # rows: 1 per classify image, one per (image, text) pair of a match, one per embedded text
-        assert engine.metrics.batch_size.labels("align")._sum.get() - before == 3 + 1 + 2 * 2 + 3
+        assert engine.metrics.batch_size.labels("align")._sum.get() - before == 3 + 1 + 1 + 2 * 2 + 3
         for got, want in zip(results[:3], alone):  # batched together, each image gets what it got alone
             assert got.scores["probability"] == pytest.approx(want.scores["probability"], abs=1e-5)
         assert alone[0].scores["probability"] != pytest.approx(alone[1].scores["probability"], abs=1e-3)
@@ -405,6 +419,14 @@ def test_row25_a_template_needs_exactly_one_pair_of_braces(client, pngs, templat
     still_healthy(client, pngs)
 
 
+@pytest.mark.parametrize("ensemble", ["median", "", "MAX", 1])
+def test_row25_an_unknown_ensemble_is_a_4xx(client, pngs, ensemble):
+    body = {"image": b64(pngs[0]), "labels": LABELS, "templates": TEMPLATES, "ensemble": ensemble}
+    err = assert_envelope(client.post("/v1/classify", json=body), 422)
+    assert "ensemble" in json.dumps(err)
+    still_healthy(client, pngs)
+
+
 def test_row25_template_counts_and_lengths_are_schema_bounds(client, pngs):
     image = b64(pngs[0])
     for templates, param in [([], "templates"), (["{}"] * 17, "templates"), (["{}" + "x" * 199], "templates.0")]:
@@ -509,6 +531,9 @@ def test_client_commands_classify_and_match(live_server, tmp_path, png):
     out = run_cli("classify", str(image), "--labels", "circle", "star", "--template", "a {}", "--template",
                   "the {} here", "--json", *key)
     assert out.returncode == 0 and '"templates"' in out.stdout and "the {} here" in out.stdout, out.stderr
+    out = run_cli("classify", str(image), "--labels", "circle", "star", "--template", "a {}", "--template",
+                  "the {} here", "--ensemble", "max", "--json", *key)
+    assert out.returncode == 0 and '"ensemble": "max"' in out.stdout.replace('":"', '": "'), out.stderr
     out = run_cli("match", str(image), "--text", "a red circle", "-t", "a star", *key)
     assert out.returncode == 0, out.stderr
     assert [line.split("\t")[2] for line in out.stdout.strip().splitlines()] == ["a red circle", "a star"]

@@ -1,6 +1,6 @@
 """What the demo bundle's Q-Former heads answer through the service's alignment endpoints, on single-object
-scenes: zero-shot shape and colour classification from ``POST /v1/classify`` (one template, and an
-ensemble of templates), and ``POST /v1/match`` preferring a scene's true caption to one with one
+scenes: zero-shot shape and colour classification from ``POST /v1/classify`` (one template, an ensemble of
+templates, and an ensemble over the world's other attribute, by averaged features and by best template), and ``POST /v1/match`` preferring a scene's true caption to one with one
 attribute edited (colour, shape or size, in turn).
 
     python -m training.demo.alignment_eval --model qformer/demo/bundle --n 1000 [--seed 0] [--out figures.json]
@@ -35,6 +35,19 @@ TEMPLATES = {
     "colour": ("a photo of a {} shape.", "there is one {} shape.", "a {} object on a background.", "one {} shape."),
 }
 LABELS = {"shape": list(SHAPES), "colour": list(COLOURS)}
+# An ensemble over the world's other attribute, in the short captions' own words ("a black triangle"): a shape's
+# text features averaged over every colour, a colour's over every shape, so no single template's other word
+# decides (CLIP's ensembling, with the templates drawn from what the labels are seen beside).
+WORLD_TEMPLATES = {
+    "shape": tuple(f"a {c} {{}}" for c in COLOURS),
+    "colour": tuple(f"a {{}} {s}" for s in SHAPES),
+}
+
+
+def classify_kinds(task: str) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """(figure name, templates, ensemble) of each classification figure."""
+    return (("single", TEMPLATES[task][:1], "mean"), ("ensemble", TEMPLATES[task], "mean"),
+            ("world", WORLD_TEMPLATES[task], "mean"), ("world_max", WORLD_TEMPLATES[task], "max"))
 
 
 def edited_caption(scene: Scene, attribute: str) -> str:
@@ -89,7 +102,7 @@ def _server(model: str):
 def evaluate(url: str, n: int = 1000, seed: int = 0, progress: bool = True) -> dict:
     """The figures of the server at ``url`` on ``n`` single-object test scenes of ``seed``."""
     client = _Client(url)
-    hits = {f"{task}_{kind}": 0 for task in TEMPLATES for kind in ("single", "ensemble")}
+    hits = {f"{task}_{kind}": 0 for task in TEMPLATES for kind, _, _ in classify_kinds(task)}
     match_itm = match_itc = 0
     for i in tqdm(range(n), desc="alignment eval", unit="scene", disable=not progress):
         scene = make_scene(seed, "test", i, max_objects=1)
@@ -98,9 +111,9 @@ def evaluate(url: str, n: int = 1000, seed: int = 0, progress: bool = True) -> d
         image_id = client.call("POST", "/v1/images", {"image": base64.b64encode(buf.getvalue()).decode()})["image_id"]
         (obj,) = scene.objects
         for task, templates in TEMPLATES.items():
-            for kind, used in (("single", templates[:1]), ("ensemble", templates)):
+            for kind, used, ensemble in classify_kinds(task):
                 r = client.call("POST", "/v1/classify", {"image_id": image_id, "labels": LABELS[task],
-                                                          "templates": list(used)})
+                                                          "templates": list(used), "ensemble": ensemble})
                 hits[f"{task}_{kind}"] += r["labels"][0]["label"] == getattr(obj, task)
         attribute = ("colour", "shape", "size")[i % 3]
         texts = [caption(scene, "normal"), edited_caption(scene, attribute)]
@@ -111,7 +124,8 @@ def evaluate(url: str, n: int = 1000, seed: int = 0, progress: bool = True) -> d
     figures = {f"classify_{k}_top1": v / n for k, v in hits.items()}
     figures.update({"match_true_over_edited_itm": match_itm / n, "match_true_over_edited_itc": match_itc / n,
                     "n_scenes": n, "seed": seed, "chance_shape": 1 / len(SHAPES), "chance_colour": 1 / len(COLOURS),
-                    "templates": {k: list(v) for k, v in TEMPLATES.items()}})
+                    "templates": {k: list(v) for k, v in TEMPLATES.items()},
+                    "world_templates": {k: list(v) for k, v in WORLD_TEMPLATES.items()}})
     return figures
 
 
