@@ -58,7 +58,7 @@ def test_the_cache_depends_on_the_tower_and_split_not_on_the_task_mix(tmp_path):
     from dataclasses import replace
 
     from training.config import TrainConfig
-    from training.train import cache_fingerprint
+    from training.data import cache_fingerprint
 
     cfg = TrainConfig()
     assert cache_fingerprint(cfg) == cache_fingerprint(TrainConfig())

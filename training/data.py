@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from qformer.boxes import BoxCodec, Detection, reading_order_key
 from qformer.prompts import TaskPrompts
-from training.config import DataSection
+from qformer.bundle import weights_sha256
+from training.config import DataSection, TrainConfig
 from training.losses import lm_labels
 from training.datasets import IMAGE_ERRORS, IMAGE_EXTS, KEY_EXT, expand_shards, load_rgb
 
@@ -250,6 +251,21 @@ class VisionFeatures:
             return None, []
         pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
         return self.encode(pixels).float(), kept
+
+
+def weights_hash(path: str) -> str:
+    """The SHA-256 of a local component's weights; "" for a hub id (its revision is part of the name)."""
+    try:
+        return weights_sha256(path)
+    except Exception:
+        return ""
+
+
+def cache_fingerprint(cfg: TrainConfig) -> str:
+    """What the frozen features depend on: the tower's weights and the dataset split, not the task mix or which
+    of the split's images a run uses, so that stage 1, stage 2, quality scoring and the ablation's variants (a
+    filtered subset among them) on one split share one cache (``build_feature_cache`` adds images it lacks)."""
+    return f"{weights_hash(cfg.model.vision) or cfg.model.vision}|{cfg.data.root}|{cfg.data.split}"
 
 
 def build_feature_cache(

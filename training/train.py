@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from qformer.boxes import BoxCodec
 from qformer.bridge import Bridge
-from qformer.bundle import load_trainable, save_bundle, weights_sha256
+from qformer.bundle import load_trainable, save_bundle
 from qformer.config import ComponentRef
 from qformer.prompts import TaskPrompts
 from qformer.qformer import AttentionMode
@@ -40,12 +40,14 @@ from training.data import (
     VisionFeatures,
     batch_indices,
     build_feature_cache,
+    cache_fingerprint,
     caption_examples,
     detection_examples,
     detection_target,
     load_contexts,
     tokenize_stage2,
     vqa_examples,
+    weights_hash,
 )
 from training.parts import DEC_TOKEN, STAGE1_PARTS, Parts, build_parts
 from training.losses import context_loss, gather_with_grad, itc_loss, itg_loss, itm_loss, lm_loss, sample_hard_negatives
@@ -394,13 +396,6 @@ def _examples(cfg: TrainConfig, stage2: bool, prompts: TaskPrompts) -> dict[str,
     return {t: builders[t](cfg.data, prompts) for t, w in cfg.data.tasks.items() if w > 0}
 
 
-def cache_fingerprint(cfg: TrainConfig) -> str:
-    """What the frozen features depend on: the tower's weights and the dataset split, not the task mix or which
-    of the split's images a run uses, so that stage 1, stage 2 and the ablation's variants (a filtered subset
-    among them) on one split share one cache (``build_feature_cache`` adds images it lacks)."""
-    return f"{_vision_hash(cfg.model.vision) or cfg.model.vision}|{cfg.data.root}|{cfg.data.split}"
-
-
 def _feature_source(cfg: TrainConfig, parts: Parts, tasks: dict, accelerator) -> VisionFeatures:
     encode = parts.bridge.encode_images
     if not cfg.run.feature_cache:
@@ -412,13 +407,6 @@ def _feature_source(cfg: TrainConfig, parts: Parts, tasks: dict, accelerator) ->
     accelerator.wait_for_everyone()
     cache = build_feature_cache(every, encode, parts.image_processor, cfg.run.feature_cache, fingerprint=fingerprint)
     return VisionFeatures(encode, parts.image_processor, cache)
-
-
-def _vision_hash(path: str) -> str:
-    try:
-        return weights_sha256(path)
-    except Exception:  # a hub id: its revision is part of the name
-        return ""
 
 
 def _finish(cfg: TrainConfig, parts: Parts, out: Path) -> None:
@@ -436,8 +424,8 @@ def _finish(cfg: TrainConfig, parts: Parts, out: Path) -> None:
     else:
         refs = {}
         if not cfg.model.embed_components:
-            refs = {"vision_ref": ComponentRef("reference", cfg.model.vision, _vision_hash(cfg.model.vision) or None),
-                    "llm_ref": ComponentRef("reference", cfg.model.llm, _vision_hash(cfg.model.llm) or None)}
+            refs = {"vision_ref": ComponentRef("reference", cfg.model.vision, weights_hash(cfg.model.vision) or None),
+                    "llm_ref": ComponentRef("reference", cfg.model.llm, weights_hash(cfg.model.llm) or None)}
         path = save_bundle(parts.bridge, parts.tokenizer, parts.image_processor, out / "bundle",
                            qformer_tokenizer=parts.qformer_tokenizer, **refs)
         print(f"[stage2] wrote bundle {path}")
