@@ -1,7 +1,8 @@
 """What the demo bundle's Q-Former heads answer through the service's alignment endpoints, on single-object
 scenes: zero-shot shape and colour classification from ``POST /v1/classify`` (one template, an ensemble of
-templates, and an ensemble over the world's other attribute, by averaged features and by best template), and ``POST /v1/match`` preferring a scene's true caption to one with one
-attribute edited (colour, shape or size, in turn).
+templates, and an ensemble over the world's other attribute, by averaged features and by best template), and
+``POST /v1/match`` preferring a scene's true caption to one with one attribute edited (colour, shape or size,
+in turn).
 
     python -m training.demo.alignment_eval --model qformer/demo/bundle --n 1000 [--seed 0] [--out figures.json]
     python -m training.demo.alignment_eval --url http://127.0.0.1:8000 --n 1000     # a running server
