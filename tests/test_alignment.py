@@ -68,6 +68,22 @@ def test_the_max_ensemble_scores_each_label_by_its_best_template(parts):
         alignment.classify(bridge, tok, feats, ["circle"], templates, ensemble="median")
 
 
+def test_the_service_offers_the_librarys_ensembles(tmp_path):
+    """The request schema and the stdlib client name the ensembles qformer.alignment computes, no other."""
+    import typing
+
+    from service import cli, protocol
+
+    assert typing.get_args(protocol.ClassifyRequest.model_fields["ensemble"].annotation) == alignment.ENSEMBLES
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not sent")
+    closed = ["--url", "http://127.0.0.1:9", "--timeout", "2"]
+    for ensemble in alignment.ENSEMBLES:  # past argparse: the request itself fails (nothing listens)
+        assert cli.classify_main([str(image), "--labels", "a", "--ensemble", ensemble, *closed]) == 1
+    with pytest.raises(SystemExit):  # argparse refuses a value outside its choices before any request
+        cli.classify_main([str(image), "--labels", "a", "--ensemble", "median", *closed])
+
+
 def test_match_scores_every_pair_as_one_pair_at_a_time(parts):
     bridge, tok, feats = parts
     texts = ["a red circle", "two blue squares and a star"]

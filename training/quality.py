@@ -29,26 +29,28 @@ from training.data import VisionFeatures
 def alignment_scores(parts, examples, batch_size: int = 64, max_tokens: int = 64, progress: bool = True,
                      source: VisionFeatures | None = None) -> list[float]:
     """ITC cosine similarity (max over queries) of each (image, caption) example; ``source`` gives the frozen
-    features (default: encode each example's image)."""
+    features (default: encode each example's image). An image's captions in one batch share one image pass."""
     bridge = parts.bridge.eval()
     source = source or VisionFeatures(bridge.encode_images, parts.image_processor)
     scores: list[float] = []
     for i in tqdm(range(0, len(examples), batch_size), desc="scoring pairs", disable=not progress):
         chunk = examples[i : i + batch_size]
-        feats, kept = source(chunk)
-        kept_ids = {id(e) for e in kept}
+        firsts = list({e.image_id: e for e in reversed(chunk)}.values())  # one example per image
+        feats, kept = source(firsts)
         if feats is None:
             scores.extend(float("nan") for _ in chunk)
             continue
-        img = bridge.qformer.image_features(bridge.query_output(feats))  # (B, Q, E)
-        enc = parts.qformer_tokenizer([e.target for e in kept], padding=True, truncation=True,
+        row = {e.image_id: r for r, e in enumerate(kept)}
+        scored = [e for e in chunk if e.image_id in row]
+        img = bridge.qformer.image_features(bridge.query_output(feats))  # (images, Q, E)
+        enc = parts.qformer_tokenizer([e.target for e in scored], padding=True, truncation=True,
                                       max_length=max_tokens, return_tensors="pt")
         txt = bridge.qformer.text_features(
             bridge.qformer(AttentionMode.TEXT, input_ids=enc.input_ids, attention_mask=enc.attention_mask).text_output
         )
-        pair = torch.einsum("bqe,be->bq", img, txt).amax(-1).tolist()
-        it = iter(pair)
-        scores.extend(next(it) if id(e) in kept_ids else float("nan") for e in chunk)
+        rows = torch.tensor([row[e.image_id] for e in scored])
+        it = iter(torch.einsum("bqe,be->bq", img[rows], txt).amax(-1).tolist())
+        scores.extend(next(it) if e.image_id in row else float("nan") for e in chunk)
     return scores
 
 
