@@ -72,6 +72,22 @@ def test_stage1_continues_from_an_earlier_run(world, tmp_path):
         assert same == (name == "cont"), name
 
 
+def test_quality_bins_are_equal_width_by_default_as_noc_or_equal_count():
+    from training.quality import bin_levels, score_and_bin
+
+    scores = [0.0, 0.1, 0.2, 0.9, 1.0, float("nan")]
+    levels, edges = bin_levels(scores, 2)  # NoC: halfway between the lowest and the highest score
+    assert edges == pytest.approx([0.5]) and levels == [0, 0, 0, 1, 1, 0]
+    levels, edges = bin_levels(scores, 2, "quantile")  # the median of the scored pairs
+    assert edges == pytest.approx([0.2]) and levels == [0, 0, 1, 1, 1, 0]
+    levels, edges = bin_levels(scores, 4)
+    assert edges == pytest.approx([0.25, 0.5, 0.75]) and levels == [0, 0, 0, 3, 3, 0]
+    with pytest.raises(ValueError, match="unknown binning 'bogus'.*uniform, quantile"):
+        bin_levels(scores, 2, "bogus")
+    with pytest.raises(ValueError, match="unknown binning"):  # before any model is loaded or pair scored
+        score_and_bin(None, "no-such-run", 4, binning="bogus")
+
+
 def test_quality_then_stage2_writes_a_bundle(world, tmp_path):
     from training.quality import score_and_bin
 

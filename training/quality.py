@@ -4,10 +4,15 @@
 
 Score: the stage-1 ITC alignment of the pair, the cosine similarity between the caption's text feature and
 the best-matching query feature of its image (max over queries, as in BLIP-2's retrieval).
-Binning: equal-count (quantile) bins over all training pairs: edges at the k/K quantiles, level 0 the
-least aligned K-th, level K-1 the best aligned. Quantiles rather than NoC's equal-width bins so each level
-has the same amount of training data whatever the score's spread. The level is stored with the pair as a
-`quality` field (and the raw score as `alignment`) in a copy of the COCO captions file.
+Binning (``--binning``): ``uniform``, NoC's own (``KBinsDiscretizer(strategy="uniform")``): K equal-width bins
+between the lowest and the highest score, level 0 the least aligned, level K-1 the best aligned; or
+``quantile``: equal-count bins, edges at the k/K quantiles. Uniform is the default. On the demo's 60000
+pairs (30 % noisy) four quantile levels held 1 %, 82 %, 97 % and 99 % clean pairs: with that much noise
+equal counts must put nearly clean data in both upper levels, whatever the score, so those two levels
+captioned alike and their order was a coin toss from run to run. Four uniform levels hold 0.5 %, 1.5 %,
+69 % and 97 % clean pairs (6627, 7822, 8754 and 36797 pairs): each level is a different data set. The
+level is stored with the pair as a `quality` field (and the raw score as `alignment`) in a copy of the
+COCO captions file; the summary beside it gives each level's pairs by kind of noise.
 """
 
 from __future__ import annotations
@@ -54,11 +59,23 @@ def alignment_scores(parts, examples, batch_size: int = 64, max_tokens: int = 64
     return scores
 
 
-def quantile_levels(scores: list[float], levels: int) -> tuple[list[int], list[float]]:
-    """Equal-count bins: -> (level per score, the K-1 inner edges). Unscored pairs (NaN) get level 0."""
+BINNINGS = {"uniform": "equal-width bins between the lowest and the highest score, as NoC",
+            "quantile": "equal-count bins (the score's quantiles)"}
+
+
+def bin_levels(scores: list[float], levels: int, binning: str = "uniform") -> tuple[list[int], list[float]]:
+    """``scores`` into ``levels`` bins (:data:`BINNINGS`) -> (level per score, the K-1 inner edges). Unscored
+    pairs (NaN) get level 0."""
+    if binning not in BINNINGS:
+        raise ValueError(f"unknown binning {binning!r}: choose one of {', '.join(BINNINGS)}")
     t = torch.tensor(scores, dtype=torch.float64)
     finite = t[torch.isfinite(t)]
-    edges = torch.quantile(finite, torch.arange(1, levels, dtype=torch.float64) / levels) if levels > 1 else torch.tensor([])
+    if levels < 2 or not len(finite):
+        edges = torch.tensor([], dtype=torch.float64)
+    elif binning == "quantile":
+        edges = torch.quantile(finite, torch.arange(1, levels, dtype=torch.float64) / levels)
+    else:
+        edges = torch.linspace(finite.min().item(), finite.max().item(), levels + 1, dtype=torch.float64)[1:-1]
     lv = torch.bucketize(t.nan_to_num(float("-inf")), edges, right=True).clamp(0, levels - 1)
     return lv.tolist(), edges.tolist()
 
@@ -96,23 +113,27 @@ def stage1_retrieval(cfg: TrainConfig, stage1_dir: str, split: str = "val", n: i
     return retrieval_figures(bridge, parts.qformer_tokenizer, feats, [im["id"] for im in images], anns)
 
 
-def score_and_bin(cfg: TrainConfig, stage1_dir: str, levels: int, out: str | None = None) -> Path:
+def score_and_bin(cfg: TrainConfig, stage1_dir: str, levels: int, out: str | None = None,
+                  binning: str = "uniform") -> Path:
     from training.data import caption_examples
 
+    if binning not in BINNINGS:  # before minutes of scoring
+        raise ValueError(f"unknown binning {binning!r}: choose one of {', '.join(BINNINGS)}")
     parts = load_stage1(cfg, stage1_dir)
     root = Path(cfg.data.root)
     source_file = root / cfg.data.captions.format(split=cfg.data.split)
     data = json.loads(source_file.read_text())
     examples = caption_examples(cfg.data, parts.bridge.cfg.prompts)
     scores = alignment_scores(parts, examples, source=_cached_features(cfg, parts, examples))
-    level, edges = quantile_levels(scores, levels)
+    level, edges = bin_levels(scores, levels, binning)
     files = {im["id"] for im in data["images"]}
     anns = [a for a in data["annotations"] if a["image_id"] in files]  # the order caption_examples uses
     for a, s, lv in zip(anns, scores, level):
         a["alignment"], a["quality"] = round(s, 6), lv
     target = Path(out) if out else source_file.with_name(source_file.stem + "_quality.json")
     target.write_text(json.dumps(data, sort_keys=True, separators=(",", ":")))
-    summary = {"levels": levels, "edges": edges, "binning": "quantile (equal-count) over ITC cosine similarity",
+    summary = {"levels": levels, "edges": edges, "binning": binning, "binned": BINNINGS[binning],
+               "score": "ITC cosine similarity (stage 1)",
                "per_level": dict(Counter(level)),
                "noise_by_level": _noise_by_level(anns, level)}
     target.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))

@@ -500,10 +500,14 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--config", required=True, help="JSON config file, e.g. training/configs/tiny_stage1.json")
         s.add_argument("overrides", nargs="*", help="section.field=value, e.g. run.steps=50 optim.lr=3e-4")
         s.add_argument("--no-progress", action="store_true")
+    from training.quality import BINNINGS
+
     q = sub.add_parser("quality", help="score every training pair with a stage-1 model and bin it into K levels")
     q.add_argument("--stage1", required=True, help="stage-1 run directory")
     q.add_argument("--config", required=True, help="the stage-1 config (for the vision tower and data)")
     q.add_argument("--levels", type=int, default=4)
+    q.add_argument("--binning", choices=BINNINGS, default="uniform",
+                   help="uniform: equal-width bins over the scores, as NoC (default); quantile: equal-count bins")
     q.add_argument("--out", default=None, help="captions JSON to write (default: DATA/captions_<split>_quality.json)")
     t = sub.add_parser("prompt", help="prompt tuning: learn a few soft prompt vectors for a new task, written "
                                       "into the bundle as tasks/NAME.safetensors (training/prompt.py)")
@@ -516,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "quality":
         from training.quality import score_and_bin
 
-        score_and_bin(load_config(args.config), args.stage1, args.levels, args.out)
+        score_and_bin(load_config(args.config), args.stage1, args.levels, args.out, args.binning)
         return 0
     train(load_config(args.config, args.overrides), progress=not args.no_progress)
     return 0
