@@ -70,3 +70,22 @@ def test_the_command_needs_data_for_a_greedy_soup_and_reports_refusals(tmp_path,
     assert main([str(a), "--out", str(tmp_path / "soup")]) == 2
     assert "at least two bundles" in capsys.readouterr().err
     assert main([str(a), str(b), "--out", str(tmp_path / "soup")]) == 0
+
+
+def test_scoring_leaves_no_trace_in_the_soups_files(tmp_path):
+    """A greedy soup's scoring tokenizes with padding and truncation; the soup's tokenizer is still its
+    ingredients' (a fast tokenizer keeps the last call's padding and truncation, and would save them), and its
+    files are those of a soup that scored nothing."""
+    a, b = (write(tmp_path, n, s) for n, s in (("a", 0.0), ("b", 0.2)))
+
+    def score(bundle):
+        bundle.tokenizer(["a red circle", "a"], padding=True, truncation=True, max_length=4)
+        return 0.0
+
+    make_soup([a, b], tmp_path / "greedy", greedy=True, score=score, log=lambda *_: None)
+    make_soup([a, b], tmp_path / "uniform", log=lambda *_: None)  # nothing scored
+    assert (tmp_path / "greedy" / "tokenizer" / "tokenizer.json").read_bytes() == (
+        a / "tokenizer" / "tokenizer.json").read_bytes()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "greedy" / "tokenizer" / name).read_bytes() == (
+            tmp_path / "uniform" / "tokenizer" / name).read_bytes(), name
