@@ -118,10 +118,25 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     written = json.loads((out / "report.json").read_text())["written"]  # the bridge's context read back
     assert written["n_scenes"] == 8 and 0.0 <= written["accuracy"] <= 1.0
     assert "## What the bridge writes" in report and f"| all ({written['tokens']}) |" in report
+    quality = json.loads((out / "report_all.json").read_text())["quality"]  # the levels stage 2 trained on
+    assert quality["binning"] == "uniform" and "## Quality levels" in report and "as NoC" in report
+    pairs = sum(sum(noise.values()) for noise in quality["noise_by_level"].values())
+    assert pairs == len(json.loads((out / "data" / "captions_train_quality.json").read_text())["annotations"])
     assert (out / "stage2" / "bundle" / "qbridge.json").exists()
+    # the served bundle is the greedy soup of stage 2 fine-tuned once per seed, built on val scenes
+    soup = json.loads((out / "soup" / "bundle" / "soup.json").read_text())
+    assert soup["recipe"] == "greedy"
+    assert soup["ingredients"] == [str(out / "soup" / f"seed{s}" / "bundle") for s in (1, 2)]
+    assert soup["kept"][0] == max(soup["scores"], key=soup["scores"].get) and soup["soup_score"] >= max(
+        soup["scores"].values())
+    assert "## Model soup" in report and f"| the soup | {soup['soup_score']:.4f} |" in report
+    ingredients = [json.loads((out / "soup" / f"seed{s}" / "config.json").read_text()) for s in (1, 2)]
+    assert [(c["run"]["seed"], c["run"]["steps"], c["model"]["init_from"]) for c in ingredients] == [
+        (s, 4, str(out / "stage2")) for s in (1, 2)]
     from qformer.bundle import load_bundle  # the build prompt-tunes the new task into the bundle
 
-    task = load_bundle(out / "stage2" / "bundle").tasks["largest-colour"]
+    assert "largest-colour" not in load_bundle(out / "stage2" / "bundle").tasks
+    task = load_bundle(out / "soup" / "bundle").tasks["largest-colour"]
     assert task.figures["steps"] == 4 and "## A new task by prompt tuning: `largest-colour`" in report
     llm = json.loads((out / "llm" / "pretrain.json").read_text())  # the LLM's second cycle continued the first
     assert llm["init_from"] == str(out / "llm-cycles" / "0") and llm["keep_tables"] and llm["metrics"]["steps"] == 4
@@ -145,7 +160,7 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     assert (out / "report.json").stat().st_mtime_ns == before
     # a built bundle unpacks into a build directory whose later steps rerun on its parts
     again, installed = tmp_path / "again", tmp_path / "installed"  # laid out as `install` leaves qformer/demo/
-    shutil.copytree(out / "stage2" / "bundle", installed / "bundle")
+    shutil.copytree(out / "soup" / "bundle", installed / "bundle")
     shutil.copy(out / "report_all.json", installed)
     assert main(["unpack", "--bundle", str(installed / "bundle"), "--out", str(again)]) == 0
     restored = json.loads((again / "restored.json").read_text())["steps"]
@@ -158,6 +173,9 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     assert all(torch.allclose(original[k], restored[k], atol=1e-2, rtol=1e-3) for k in original)  # kept in fp16
     for f in ("llm/model.safetensors", "llm/tokenizer.json", "vision/model.safetensors"):
         assert (again / f).read_bytes() == (out / f).read_bytes()
+    for run in ("stage2", "soup"):  # both steps' output is the installed bundle
+        assert (again / run / "bundle" / "model.safetensors").read_bytes() == (
+            out / "soup" / "bundle" / "model.safetensors").read_bytes()
     shutil.copytree(out / "data", again / "data")
     assert main(["build", "--out", str(again), "--quick", "--only", "stage 1 gate"]) == 0
     assert "i2t_r1" in json.loads((again / "gates" / "stage1.json").read_text())["figures"]
