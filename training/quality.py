@@ -63,11 +63,15 @@ BINNINGS = {"uniform": "equal-width bins between the lowest and the highest scor
             "quantile": "equal-count bins (the score's quantiles)"}
 
 
+def check_binning(binning: str) -> None:
+    if binning not in BINNINGS:
+        raise ValueError(f"unknown binning {binning!r}: choose one of {', '.join(BINNINGS)}")
+
+
 def bin_levels(scores: list[float], levels: int, binning: str = "uniform") -> tuple[list[int], list[float]]:
     """``scores`` into ``levels`` bins (:data:`BINNINGS`) -> (level per score, the K-1 inner edges). Unscored
     pairs (NaN) get level 0."""
-    if binning not in BINNINGS:
-        raise ValueError(f"unknown binning {binning!r}: choose one of {', '.join(BINNINGS)}")
+    check_binning(binning)
     t = torch.tensor(scores, dtype=torch.float64)
     finite = t[torch.isfinite(t)]
     if levels < 2 or not len(finite):
@@ -117,8 +121,7 @@ def score_and_bin(cfg: TrainConfig, stage1_dir: str, levels: int, out: str | Non
                   binning: str = "uniform") -> Path:
     from training.data import caption_examples
 
-    if binning not in BINNINGS:  # before minutes of scoring
-        raise ValueError(f"unknown binning {binning!r}: choose one of {', '.join(BINNINGS)}")
+    check_binning(binning)  # before minutes of scoring
     parts = load_stage1(cfg, stage1_dir)
     root = Path(cfg.data.root)
     source_file = root / cfg.data.captions.format(split=cfg.data.split)

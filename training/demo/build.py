@@ -453,6 +453,7 @@ def write_report(out: Path, plan: Plan) -> None:
     gates = {g: json.loads((out / "gates" / f"{g}.json").read_text()) for g in GATE_FILES.values()
              if (out / "gates" / f"{g}.json").exists()}
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+    quality_summary = out / "data" / "captions_train_quality.summary.json"  # the levels stage 2 trained on
     lines = ["# Demo model report", "",
              f"Built by `qbridge demo build` (seed {plan.seed}, {plan.n_train} training scenes with "
              f"{plan.noise:.0%} noisy captions). Figures on the clean test split ({results['test']['n_images']} "
@@ -460,7 +461,7 @@ def write_report(out: Path, plan: Plan) -> None:
              "reproduce with `qbridge eval --model qformer/demo/bundle --data DATA --split test`.", "",
              "## Test split", "", report_markdown(results["test"]), "",
              "## Held-out colour-shape split", "", report_markdown(results["heldout"]), "",
-             *quality_markdown(out / "data" / "captions_train_quality.summary.json"),
+             *quality_markdown(quality_summary),
              "## Noise robustness (captioning only, same noisy data, three ways)", "",
              f"From one run of stage 2's context phase ({plan.ablation_context_steps} steps, no caption seen), "
              f"{plan.ablation_steps} caption steps each: (a) every pair at the top level (no conditioning), (b) "
@@ -532,8 +533,7 @@ def write_report(out: Path, plan: Plan) -> None:
         lines += ["", "## Build time", "", "| step | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()] + [f"| total | {sum(timings.values()):.0f} |"]
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
-    quality_file = out / "data" / "captions_train_quality.summary.json"
-    quality = json.loads(quality_file.read_text()) if quality_file.is_file() else None
+    quality = json.loads(quality_summary.read_text()) if quality_summary.is_file() else None
     (out / "report_all.json").write_text(json.dumps({"eval": results, "ablation": ablation, "frozen": frozen,
                                                      "gates": gates, "quality": quality, "timings": timings},
                                                     indent=2))
