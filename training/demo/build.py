@@ -103,7 +103,10 @@ class Plan:
     # seed (the LM cycle again, at a lower rate), then the greedy soup of those runs on soup_val_n val scenes.
     # Measured (2026-12-07, night) from the installed stage 2, 500 test scenes, top level: VQA 0.876, caption
     # precision 0.931, mAP@0.5 0.887; the three runs 0.891-0.902 / 0.936-0.944 / 0.897-0.903; their uniform
-    # soup 0.906 / 0.951 / 0.906; the greedy soup (two kept) 0.908 / 0.948 / 0.902
+    # soup 0.906 / 0.951 / 0.906; the greedy soup (two kept) 0.908 / 0.948 / 0.902. But one run of the same
+    # compute (1500 steps, seed 1) did better on 1000 test scenes: 0.912 / 0.945 / 0.899 against the greedy
+    # soup's 0.903 / 0.937 / 0.901 (seed 7: 0.916 / 0.941 / 0.907 against 0.905 / 0.935 / 0.907): the gain is
+    # the steps. Next: a third stage-2 cycle of 1500 steps at 5e-4 instead of this step (README, soups)
     soup_seeds: tuple = (1, 2, 3)
     soup_steps: int = 500
     soup_lr: float = 5e-4
