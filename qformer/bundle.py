@@ -94,6 +94,21 @@ def _resolve(bundle_dir: Path, ref: ComponentRef) -> str:
     return str(local)
 
 
+def _save_tokenizer(tokenizer, path: Path) -> None:
+    """``save_pretrained``, less the padding and truncation a fast tokenizer keeps from its last call (they are
+    set again on every call; saved, they would make a bundle depend on what its tokenizer last did)."""
+    tokenizer.save_pretrained(path)
+    file = path / "tokenizer.json"
+    if file.is_file():
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(file))
+        if backend.padding is not None or backend.truncation is not None:
+            backend.no_padding()
+            backend.no_truncation()
+            backend.save(str(file), pretty=True)  # as save_pretrained writes it
+
+
 def save_bundle(
     bridge: Bridge,
     tokenizer,
@@ -122,10 +137,10 @@ def save_bundle(
         state = {k: (v.half() if k.startswith("alignment.") and v.is_floating_point() else v).detach().contiguous().cpu()
                  for k, v in bridge.trainable_state_dict().items()}
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "qbridge_format": str(FORMAT_VERSION)})
-        tokenizer.save_pretrained(tmp / "tokenizer")
+        _save_tokenizer(tokenizer, tmp / "tokenizer")
         image_processor.save_pretrained(tmp / "image_processor")
         if qformer_tokenizer is not None:
-            qformer_tokenizer.save_pretrained(tmp / "qformer_tokenizer")
+            _save_tokenizer(qformer_tokenizer, tmp / "qformer_tokenizer")
         meta = {"format_version": FORMAT_VERSION, "config": cfg.to_dict()}
         (tmp / "qbridge.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if out.exists():

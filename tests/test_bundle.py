@@ -207,3 +207,14 @@ def test_one_strict_loader_for_trainable_state_with_a_prefix_filter():
                        ("ln_vision", "qformer"))
     with pytest.raises(BundleError, match="missing keys"):  # without the filter, all trainable keys are due
         load_trainable(dst, stage1)
+
+
+def test_a_bundle_saves_no_padding_or_truncation_its_tokenizer_kept_from_a_call(tmp_path):
+    bridge, tok, proc = tiny_bridge()
+    clean = save_bundle(bridge, tok, proc, tmp_path / "clean")
+    tok(["a red circle", "a"], padding=True, truncation=True, max_length=4)  # a fast tokenizer keeps these
+    used = save_bundle(bridge, tok, proc, tmp_path / "used")
+    saved = [(d / "tokenizer" / "tokenizer.json").read_bytes() for d in (used, clean)]
+    assert saved[0] == saved[1]
+    assert load_bundle(used).tokenizer(["a red circle", "a"], padding=True).input_ids == tok(
+        ["a red circle", "a"], padding=True).input_ids

@@ -135,7 +135,7 @@ def score_and_bin(cfg: TrainConfig, stage1_dir: str, levels: int, out: str | Non
         a["alignment"], a["quality"] = round(s, 6), lv
     target = Path(out) if out else source_file.with_name(source_file.stem + "_quality.json")
     target.write_text(json.dumps(data, sort_keys=True, separators=(",", ":")))
-    summary = {"levels": levels, "edges": edges, "binning": binning, "binned": BINNINGS[binning],
+    summary = {"levels": levels, "edges": edges, "binning": binning,
                "score": "ITC cosine similarity (stage 1)",
                "per_level": dict(Counter(level)),
                "noise_by_level": _noise_by_level(anns, level)}

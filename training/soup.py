@@ -122,8 +122,6 @@ def make_soup(paths: Sequence[str | Path], out: str | Path, *, greedy: bool = Fa
     else:
         kept = paths
         record["kept"] = [str(p) for p in kept]
-    if greedy:  # scoring ran the tokenizers (a fast one keeps its last padding and truncation): save fresh ones
-        bundle = load_bundle(paths[0])
     load_trainable(bundle.bridge, average([states[p] for p in kept]), source="soup")
     refs = {f"{part}_ref": ref for part, ref in (("vision", bundle.config.vision), ("llm", bundle.config.llm))
             if isinstance(ref, ComponentRef) and ref.source == "reference"}

@@ -323,11 +323,15 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
     # Every stage-2 cycle but the last runs under stage2-cycles/; the last one is the bundle the later steps read.
     s2_runs = [out / "stage2-cycles" / str(i) for i in range(len(plan.stage2_cycles) - 1)] + [out / "stage2"]
 
-    def stage2_cycle(i: int, run: Path, n: int) -> None:
+    def train_stage2(init_from: Path, run: Path, n: int, context_only: int, lr: float, *more: str) -> None:
+        """One stage-2 run of demo_stage2.json on this build's parts: a cycle of stage 2 or a soup ingredient."""
         train(load_config(CONFIG_DIR / "demo_stage2.json", [
-            *paths, f"model.init_from={s2_runs[i - 1] if i else out / 'stage1'}", f"run.out_dir={run}",
-            f"run.steps={n}", f"run.feature_cache={cache}", f"run.context_only_steps={plan.stage2_cycles[i][1]}",
-            f"optim.lr={plan.stage2_lr}", *plan.overrides]), progress=progress)
+            *paths, f"model.init_from={init_from}", f"run.out_dir={run}", f"run.steps={n}",
+            f"run.feature_cache={cache}", f"run.context_only_steps={context_only}", f"optim.lr={lr}", *more,
+            *plan.overrides]), progress=progress)
+
+    def stage2_cycle(i: int, run: Path, n: int) -> None:
+        train_stage2(s2_runs[i - 1] if i else out / "stage1", run, n, plan.stage2_cycles[i][1], plan.stage2_lr)
 
     def stage2():
         run_cycles([(r, n, r / "bundle" / "qbridge.json") for r, (n, _) in zip(s2_runs, plan.stage2_cycles)],
@@ -344,10 +348,7 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
             run = out / "soup" / f"seed{seed}"
             if not (run / "bundle" / "qbridge.json").exists():
                 print(f"    soup ingredient: seed {seed}, {plan.soup_steps} steps from stage 2")
-                train(load_config(CONFIG_DIR / "demo_stage2.json", [
-                    *paths, f"model.init_from={out / 'stage2'}", f"run.out_dir={run}", f"run.steps={plan.soup_steps}",
-                    f"run.feature_cache={cache}", "run.context_only_steps=0", f"optim.lr={plan.soup_lr}",
-                    f"run.seed={seed}", *plan.overrides]), progress=progress)
+                train_stage2(out / "stage2", run, plan.soup_steps, 0, plan.soup_lr, f"run.seed={seed}")
             ingredients.append(run / "bundle")
         make_soup(ingredients, bundle_dir, greedy=True, score=lambda b: bundle_score(b, data, "val", plan.soup_val_n))
 
@@ -430,12 +431,14 @@ def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path,
 def quality_markdown(summary_file: Path) -> list[str]:
     """The report's lines on the quality levels stage 2 trained on: how they were binned, and each level's
     training pairs by kind of noise (``training.quality``'s summary); none without the summary."""
+    from training.quality import BINNINGS
+
     if not summary_file.is_file():
         return []
     summary = json.loads(summary_file.read_text())
     lines = ["## Quality levels", "",
              f"Stage 1's ITC cosine similarity scores each training pair; {summary['levels']} levels are "
-             f"{summary.get('binned', summary['binning'])} (inner edges "
+             f"{BINNINGS.get(summary['binning'], summary['binning'])} (inner edges "
              f"{', '.join(f'{e:.3f}' for e in summary['edges'])}). Stage 2 trains each caption at its level and "
              "the service decodes at the one asked for (default: the top).", "",
              "| level | pairs | clean | wrong attribute | another image's caption | generic |",
