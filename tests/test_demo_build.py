@@ -123,29 +123,19 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     pairs = sum(sum(noise.values()) for noise in quality["noise_by_level"].values())
     assert pairs == len(json.loads((out / "data" / "captions_train_quality.json").read_text())["annotations"])
     assert (out / "stage2" / "bundle" / "qbridge.json").exists()
-    # the served bundle is the greedy soup of stage 2 fine-tuned once per seed, built on val scenes
-    soup = json.loads((out / "soup" / "bundle" / "soup.json").read_text())
-    assert soup["recipe"] == "greedy"
-    assert soup["ingredients"] == [str(out / "soup" / f"seed{s}" / "bundle") for s in (1, 2)]
-    assert soup["kept"][0] == max(soup["scores"], key=soup["scores"].get) and soup["soup_score"] >= max(
-        soup["scores"].values())
-    assert "## Model soup" in report and f"| the soup | {soup['soup_score']:.4f} |" in report
-    ingredients = [json.loads((out / "soup" / f"seed{s}" / "config.json").read_text()) for s in (1, 2)]
-    assert [(c["run"]["seed"], c["run"]["steps"], c["model"]["init_from"]) for c in ingredients] == [
-        (s, 4, str(out / "stage2")) for s in (1, 2)]
     from qformer.bundle import load_bundle  # the build prompt-tunes the new task into the bundle
 
-    assert "largest-colour" not in load_bundle(out / "stage2" / "bundle").tasks
-    task = load_bundle(out / "soup" / "bundle").tasks["largest-colour"]
+    task = load_bundle(out / "stage2" / "bundle").tasks["largest-colour"]
     assert task.figures["steps"] == 4 and "## A new task by prompt tuning: `largest-colour`" in report
     llm = json.loads((out / "llm" / "pretrain.json").read_text())  # the LLM's second cycle continued the first
     assert llm["init_from"] == str(out / "llm-cycles" / "0") and llm["keep_tables"] and llm["metrics"]["steps"] == 4
-    s2 = json.loads((out / "stage2" / "config.json").read_text())  # so did stage 2's
-    assert s2["model"]["init_from"] == str(out / "stage2-cycles" / "0")
-    s2_first = json.loads((out / "stage2-cycles" / "0" / "config.json").read_text())["run"]
-    assert [(c["steps"], c["context_only_steps"]) for c in (s2_first, s2["run"])] == [(8, 8), (4, 0)]
-    assert json.loads((out / "stage2-cycles" / "0" / "config.json").read_text())["model"]["init_from"] == str(
-        out / "stage1")
+    # so did stage 2's three, each with its own rate and batch order; the last one's is the served bundle
+    s2 = [json.loads((d / "config.json").read_text()) for d in (
+        out / "stage2-cycles" / "0", out / "stage2-cycles" / "1", out / "stage2")]
+    assert [(c["run"]["steps"], c["run"]["context_only_steps"], c["optim"]["lr"], c["run"]["seed"]) for c in s2] == [
+        (8, 8, 2e-3, 0), (4, 0, 2e-3, 1), (4, 0, 5e-4, 2)]
+    assert [c["model"]["init_from"] for c in s2] == [str(out / "stage1"), str(out / "stage2-cycles" / "0"),
+                                                    str(out / "stage2-cycles" / "1")]
     cycles = [json.loads((d / "config.json").read_text()) for d in (out / "stage1-cycles" / "0", out / "stage1")]
     assert [c["run"]["steps"] for c in cycles] == [6, 4]  # stage 1's second cosine cycle continues the first
     assert cycles[1]["model"]["init_from"] == str(out / "stage1-cycles" / "0") and not cycles[0]["model"]["init_from"]
@@ -160,7 +150,7 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     assert (out / "report.json").stat().st_mtime_ns == before
     # a built bundle unpacks into a build directory whose later steps rerun on its parts
     again, installed = tmp_path / "again", tmp_path / "installed"  # laid out as `install` leaves qformer/demo/
-    shutil.copytree(out / "soup" / "bundle", installed / "bundle")
+    shutil.copytree(out / "stage2" / "bundle", installed / "bundle")
     shutil.copy(out / "report_all.json", installed)
     assert main(["unpack", "--bundle", str(installed / "bundle"), "--out", str(again)]) == 0
     restored = json.loads((again / "restored.json").read_text())["steps"]
@@ -173,9 +163,8 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     assert all(torch.allclose(original[k], restored[k], atol=1e-2, rtol=1e-3) for k in original)  # kept in fp16
     for f in ("llm/model.safetensors", "llm/tokenizer.json", "vision/model.safetensors"):
         assert (again / f).read_bytes() == (out / f).read_bytes()
-    for run in ("stage2", "soup"):  # both steps' output is the installed bundle
-        assert (again / run / "bundle" / "model.safetensors").read_bytes() == (
-            out / "soup" / "bundle" / "model.safetensors").read_bytes()
+    assert (again / "stage2" / "bundle" / "model.safetensors").read_bytes() == (
+        out / "stage2" / "bundle" / "model.safetensors").read_bytes()  # stage 2's output is the installed bundle
     shutil.copytree(out / "data", again / "data")
     assert main(["build", "--out", str(again), "--quick", "--only", "stage 1 gate"]) == 0
     assert "i2t_r1" in json.loads((again / "gates" / "stage1.json").read_text())["figures"]

@@ -4,8 +4,8 @@
     qbridge demo build --out build/demo --only "vision gate"   (one step, on the earlier steps' outputs)
 
 Steps: shapes-world data -> tokenizer -> frozen LLM pretraining -> its gate -> frozen vision tower -> its gate
--> stage 1 -> its gate -> quality scoring -> stage 2 -> a greedy soup of stage 2 fine-tuned per seed ->
-evaluation (report) -> noise-robustness ablation.
+-> stage 1 -> its gate -> quality scoring -> stage 2 (in cycles) -> evaluation (report) -> prompt tuning of a new
+task -> noise-robustness ablation.
 A gate measures the part just built on its own and stops the build with a clear message when it misses
 (figures in OUT/gates/*.json and in the report): a bridge trained on a part that cannot see or read what it
 needs is noise. `--install` copies the bundle and its report to `qformer/demo/`, the default model of
@@ -81,36 +81,32 @@ class Plan:
     # 6000 of 7500 gave 0.489, mAP@0.5 0.590 and VQA 0.720, but flat quality levels (caption precision low
     # 0.714 .. best 0.724; below low on the golden scenes). All at lr 5e-4. At lr 2e-3, 1500 context-only steps
     # write numbers 0.389 exact (0.24 at 5e-4); at 4e-3 the run diverges (0.001)
-    # stage 2's peak rate, also the ablation's context phase (its caption runs keep demo_stage2.json's)
-    stage2_lr: float = 2e-3
-    # Stage 2 in cycles of (steps, of which context-only), each from the last one's weights (a warm restart).
-    # Until 2026-12-07 its Q-Former was stage 1's shape and started from it, in two cycles of (6000, 4000): test
-    # VQA 0.852, mAP@0.5 0.874, top caption precision 0.912, description tokens 0.898 (a third cycle: VQA 0.868,
-    # the service's detection check 37 of 46). Context phase alone, 1500 steps, 200 test scenes' description
-    # tokens: stage 1's start 0.749; from scratch 0.791; from scratch with cross-attention in every layer
-    # (demo_stage2.json) 0.823 (6 such layers learn a little faster per step at 1.7x the time a step). That
-    # Q-Former in two cycles (2026-12-07): 6000 context-only steps (29 min; tokens 0.889 on 200 test scenes,
-    # the two-cycle bundle 0.894), then 3000 with the LM loss (38.5 min): test VQA 0.852 -> 0.872, mAP@0.5
-    # 0.874 -> 0.880, top caption precision 0.912 -> 0.931, the service's detection check 41 -> 44 of 46
-    stage2_cycles: tuple = ((6000, 6000), (3000, 0))
+    # Stage 2 in cycles of (steps, of which context-only, peak rate), each from the last one's weights (a warm
+    # restart) and drawing its batches with its own seed (plan.seed + its index); the first cycle's rate is also
+    # the ablation's context phase's. Until 2026-12-07 its Q-Former was stage 1's shape and started from it, in
+    # two cycles of (6000, 4000): test VQA 0.852, mAP@0.5 0.874, top caption precision 0.912, description tokens
+    # 0.898 (a third cycle: VQA 0.868, the service's detection check 37 of 46). Context phase alone, 1500 steps,
+    # 200 test scenes' description tokens: stage 1's start 0.749; from scratch 0.791; from scratch with
+    # cross-attention in every layer (demo_stage2.json) 0.823 (6 such layers learn a little faster per step at
+    # 1.7x the time a step). That Q-Former in two cycles (2026-12-07): 6000 context-only steps (29 min; tokens
+    # 0.889 on 200 test scenes), then 3000 with the LM loss (38.5 min): test VQA 0.852 -> 0.872, mAP@0.5 0.874
+    # -> 0.880, top caption precision 0.912 -> 0.931, the service's detection check 41 -> 44 of 46. A third
+    # cycle at a lower rate replaces the greedy soup the build made (Wortsman et al., 2022; `qbridge soup`):
+    # from the same stage 2 on NoC's levels (500 test scenes, VQA / top precision / mAP@0.5 0.876 / 0.931 /
+    # 0.887), three 500-step runs at 5e-4 gave 0.891-0.902 / 0.936-0.944 / 0.897-0.903 and their greedy soup
+    # 0.908 / 0.948 / 0.902; one 1500-step run of the same compute did better on 1000 test scenes (0.912 /
+    # 0.945 / 0.899 against the soup's 0.903 / 0.937 / 0.901; seed 7: 0.916 / 0.941 / 0.907 against 0.905 /
+    # 0.935 / 0.907): the soup's gain was the steps (README, soups). Its Q-Former has 6 attention heads of 32
+    # (3 of 64 before 2026-12-07, late): most of the description's errors bind an attribute to the wrong
+    # object, and more heads write the later objects better (1500 context-only steps, 200 test scenes' tokens:
+    # 3 heads 0.823, 6 heads 0.834, 12 heads 0.830; the whole 6000-step context cycle 0.889 -> 0.896, no slower)
+    stage2_cycles: tuple = ((6000, 6000, 2e-3), (3000, 0, 2e-3), (1500, 0, 5e-4))
     # Quality levels (training/quality.py): equal-width bins over stage 1's scores, as NoC. Equal-count bins
     # held 1 / 82 / 97 / 99 % clean pairs, and the two upper levels captioned alike (test 0.928 / 0.931; seed 7
     # 0.937 / 0.9365, the wrong way round); equal-width ones hold 0.5 / 1.5 / 69 / 97 %
     quality_binning: str = "uniform"
     ablation_context_steps: int = 1500  # the ablation's shared start: stage 2's context phase alone
     ablation_steps: int = 300  # then each variant, captions only
-    # Model soup (Wortsman et al., ICML 2022; training/soup.py): stage 2's bundle fine-tuned further once per
-    # seed (the LM cycle again, at a lower rate), then the greedy soup of those runs on soup_val_n val scenes.
-    # Measured (2026-12-07, night) from the installed stage 2, 500 test scenes, top level: VQA 0.876, caption
-    # precision 0.931, mAP@0.5 0.887; the three runs 0.891-0.902 / 0.936-0.944 / 0.897-0.903; their uniform
-    # soup 0.906 / 0.951 / 0.906; the greedy soup (two kept) 0.908 / 0.948 / 0.902. But one run of the same
-    # compute (1500 steps, seed 1) did better on 1000 test scenes: 0.912 / 0.945 / 0.899 against the greedy
-    # soup's 0.903 / 0.937 / 0.901 (seed 7: 0.916 / 0.941 / 0.907 against 0.905 / 0.935 / 0.907): the gain is
-    # the steps. Next: a third stage-2 cycle of 1500 steps at 5e-4 instead of this step (README, soups)
-    soup_seeds: tuple = (1, 2, 3)
-    soup_steps: int = 500
-    soup_lr: float = 5e-4
-    soup_val_n: int = 200
     task_steps: int = 300  # prompt tuning of the demo's new task (training/demo/new_task.py)
     eval_n: int | None = None  # all test images
     gate_n: int = 200  # val scenes of the LLM's oracle gate
@@ -122,22 +118,22 @@ class Plan:
 
 
 QUICK = Plan(n_train=64, n_test=8, n_heldout=4, image_size=64, data_size=64, llm_cycles=(10, 4),
-             vision_steps=10, stage1_cycles=(6, 4), stage2_cycles=((8, 8), (4, 0)),
+             vision_steps=10, stage1_cycles=(6, 4), stage2_cycles=((8, 8, 2e-3), (4, 0, 2e-3), (4, 0, 5e-4)),
              ablation_context_steps=3, ablation_steps=4, task_steps=4, eval_n=8, gate_n=4, probe_scenes=(16, 8),
-             soup_seeds=(1, 2), soup_steps=4, soup_val_n=4, quick=True)
+             quick=True)
 DEMO_TASK = "largest-colour"  # the task prompt the build trains into the demo bundle
 # Stage 1's gate: val image->text R@1 before its alignment scores become quality levels.
 STAGE1_GATE = 0.80
 
 
 STEP_NAMES = ("data", "tokenizer", "llm", "llm gate", "vision", "vision gate", "stage 1", "stage 1 gate", "quality",
-              "contexts", "stage 2", "soup", "evaluation", "task", "ablation")
+              "contexts", "stage 2", "evaluation", "task", "ablation")
 # What each step reads: `--only STEP` needs these steps' outputs, and no others (the vision tower does not
 # wait for the LLM).
 NEEDS = {"data": (), "tokenizer": (), "llm": ("tokenizer",), "llm gate": ("data", "llm"), "vision": (),
          "vision gate": ("vision",), "stage 1": ("data", "tokenizer", "vision"), "stage 1 gate": ("stage 1",),
          "quality": ("stage 1",), "contexts": ("data",), "stage 2": ("quality", "contexts", "llm"),
-         "soup": ("stage 2",), "evaluation": ("soup",), "task": ("soup",),
+         "evaluation": ("stage 2",), "task": ("stage 2",),
          "ablation": ("quality", "contexts", "llm")}
 
 
@@ -249,8 +245,8 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
     data, llm, vision, gates = out / "data", out / "llm", out / "vision", out / "gates"
     # Minutes each step took on 2 idle CPU cores (the ETA's weights).
     steps = Steps({"data": 1.6, "tokenizer": 0.02, "llm": 58, "llm gate": 0.2, "vision": 10, "vision gate": 1,
-                   "stage 1": 118, "stage 1 gate": 0.5, "quality": 3, "contexts": 0.02, "stage 2": 68,
-                   "soup": 17, "evaluation": 4, "task": 4.5, "ablation": 24},
+                   "stage 1": 118, "stage 1 gate": 0.5, "quality": 3, "contexts": 0.02, "stage 2": 72,
+                   "evaluation": 4, "task": 4.5, "ablation": 24},
                   out / "timings.json", only)
     paths = [f"model.vision={vision}", f"model.llm={llm}", f"data.root={data}"]
     enforce = enforce_gates and not plan.quick  # a smoke build's tiny parts cannot pass a gate
@@ -323,36 +319,19 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
     # Every stage-2 cycle but the last runs under stage2-cycles/; the last one is the bundle the later steps read.
     s2_runs = [out / "stage2-cycles" / str(i) for i in range(len(plan.stage2_cycles) - 1)] + [out / "stage2"]
 
-    def train_stage2(init_from: Path, run: Path, n: int, context_only: int, lr: float, *more: str) -> None:
-        """One stage-2 run of demo_stage2.json on this build's parts: a cycle of stage 2 or a soup ingredient."""
-        train(load_config(CONFIG_DIR / "demo_stage2.json", [
-            *paths, f"model.init_from={init_from}", f"run.out_dir={run}", f"run.steps={n}",
-            f"run.feature_cache={cache}", f"run.context_only_steps={context_only}", f"optim.lr={lr}", *more,
-            *plan.overrides]), progress=progress)
-
     def stage2_cycle(i: int, run: Path, n: int) -> None:
-        train_stage2(s2_runs[i - 1] if i else out / "stage1", run, n, plan.stage2_cycles[i][1], plan.stage2_lr)
+        _, context_only, lr = plan.stage2_cycles[i]
+        train(load_config(CONFIG_DIR / "demo_stage2.json", [
+            *paths, f"model.init_from={s2_runs[i - 1] if i else out / 'stage1'}", f"run.out_dir={run}",
+            f"run.steps={n}", f"run.seed={plan.seed + i}", f"run.feature_cache={cache}",
+            f"run.context_only_steps={context_only}", f"optim.lr={lr}", *plan.overrides]), progress=progress)
 
     def stage2():
-        run_cycles([(r, n, r / "bundle" / "qbridge.json") for r, (n, _) in zip(s2_runs, plan.stage2_cycles)],
+        run_cycles([(r, n, r / "bundle" / "qbridge.json") for r, (n, _, _) in zip(s2_runs, plan.stage2_cycles)],
                    stage2_cycle)
     steps.run("stage 2", out / "stage2" / "bundle" / "qbridge.json", stage2,
               clear=(out / "stage2", out / "stage2-cycles"), resumable=True)
     bundle_dir = final_bundle(out)
-
-    def soup():
-        from training.soup import bundle_score, make_soup
-
-        ingredients = []
-        for seed in plan.soup_seeds:
-            run = out / "soup" / f"seed{seed}"
-            if not (run / "bundle" / "qbridge.json").exists():
-                print(f"    soup ingredient: seed {seed}, {plan.soup_steps} steps from stage 2")
-                train_stage2(out / "stage2", run, plan.soup_steps, 0, plan.soup_lr, f"run.seed={seed}")
-            ingredients.append(run / "bundle")
-        make_soup(ingredients, bundle_dir, greedy=True, score=lambda b: bundle_score(b, data, "val", plan.soup_val_n))
-
-    steps.run("soup", bundle_dir / "qbridge.json", soup, clear=(out / "soup",), resumable=True)
     report_json = out / "report.json"
 
     def evaluate():
@@ -411,7 +390,7 @@ def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path,
         train(load_config(CONFIG_DIR / "demo_stage2.json", [
             *common, f"model.init_from={out / 'stage1'}", f"run.out_dir={start}",
             f"run.steps={plan.ablation_context_steps}", f"run.context_only_steps={plan.ablation_context_steps}",
-            f"optim.lr={plan.stage2_lr}", *plan.overrides]), progress=progress)
+            f"optim.lr={plan.stage2_cycles[0][2]}", *plan.overrides]), progress=progress)
     results, feats = {}, None
     for name, captions in (("a_no_conditioning", "constant"), ("b_filtered", "filtered"), ("c_quality_top", "quality")):
         run = out / "ablation" / name
@@ -507,17 +486,6 @@ def write_report(out: Path, plan: Plan) -> None:
               "| task | own context | another scene's |", "|---|---:|---:|"]
     for task in sorted(k[len("context_"):-len("_loss")] for k in llm if k.startswith("context_")):
         lines.append(f"| {task} | {llm[f'context_{task}_loss']:.3f} | {llm[f'wrong_context_{task}_loss']:.3f} |")
-    soup_file = final_bundle(out) / "soup.json"
-    if soup_file.is_file():
-        soup = json.loads(soup_file.read_text())
-        lines += ["", "## Model soup", "",
-                  f"The bundle above is the {soup['recipe']} soup of stage 2 fine-tuned further once per seed "
-                  f"({plan.soup_steps} steps at lr {plan.soup_lr:g} each), built on {plan.soup_val_n} val scenes "
-                  "(score: the mean of VQA accuracy, top caption precision and mAP@0.5).", "",
-                  "| ingredient | val score | kept |", "|---|---:|---|"]
-        lines += [f"| {Path(i).parent.name} | {soup['scores'][i]:.4f} | {'yes' if i in soup['kept'] else 'no'} |"
-                  for i in soup["ingredients"]]
-        lines.append(f"| the soup | {soup['soup_score']:.4f} | |")
     if "written" in results:
         lines += ["", "## What the bridge writes", ""] + written_markdown(results["written"])
     task_file = final_bundle(out) / "tasks" / f"{DEMO_TASK}.safetensors"
@@ -608,8 +576,8 @@ def write_golden(bundle_dir: Path, target: Path) -> dict:
 
 
 def final_bundle(out: Path) -> Path:
-    """The bundle a build serves, evaluates and installs: the soup of stage 2's fine-tuned runs."""
-    return out / "soup" / "bundle"
+    """The bundle a build serves, evaluates and installs: stage 2's last cycle's."""
+    return out / "stage2" / "bundle"
 
 
 def install(out: Path, target: Path = DEMO_DIR) -> None:
@@ -630,8 +598,8 @@ def install(out: Path, target: Path = DEMO_DIR) -> None:
 def unpack(bundle: Path, out: Path, seed: int = 0) -> list[str]:
     """Lay an installed demo bundle's parts out as the build's step outputs in ``out``: the frozen vision tower
     (``vision``), the frozen LLM with its base tokenizer (``llm``), stage 1 (``stage1/final``, from the stage-1
-    copy the bundle keeps for ITC/ITM, stored in fp16) and the bundle itself (``stage2/bundle`` and
-    ``soup/bundle``). Then ``--only STEP`` reruns one later step (quality, stage 2, soup, evaluation, ...) on
+    copy the bundle keeps for ITC/ITM, stored in fp16) and the bundle itself (``stage2/bundle``). Then
+    ``--only STEP`` reruns one later step (quality, stage 2, evaluation, ...) on
     them without rebuilding what came before. The tokenizer is retrained from ``seed`` (deterministic) and must
     equal the bundle's, location tokens aside. With the installed report beside the bundle (``report_all.json``),
     the gates' figures, the LLM's val losses and the ablation are copied too, and listed in ``restored.json`` so
@@ -670,11 +638,10 @@ def unpack(bundle: Path, out: Path, seed: int = 0) -> list[str]:
     stage1_cfg = cfg.replace(qformer=cfg.stage1_qformer(), alignment_qformer=False, alignment_qformer_config=None,
                              num_quality_levels=0, num_loc_bins=0)
     (stage1 / "bridge_config.json").write_text(json.dumps(stage1_cfg.to_dict(), indent=2))
-    for run in (out / "stage2", out / "soup"):  # the outputs of stage 2 and of its soup are the bundle itself
-        if run.exists():
-            shutil.rmtree(run)
-        shutil.copytree(bundle, run / "bundle")
-    done = ["tokenizer", "llm", "vision", "stage 1", "stage 2", "soup"]
+    if (out / "stage2").exists():
+        shutil.rmtree(out / "stage2")
+    shutil.copytree(bundle, out / "stage2" / "bundle")
+    done = ["tokenizer", "llm", "vision", "stage 1", "stage 2"]
     report = bundle.parent / "report_all.json"  # an installed bundle's report: what was measured on these parts
     if report.resolve().is_relative_to(Path.cwd()):  # the report names it as a reader of the repository would
         report = report.resolve().relative_to(Path.cwd())
