@@ -82,3 +82,19 @@ def test_a_cache_adds_the_images_it_lacks_and_serves_subsets(tmp_path, examples)
     assert set(subset) >= {0, 1}  # a subset is served from the cache, nothing encoded
     other = build_feature_cache(examples[:1], counting, proc, tmp_path / "cache", fingerprint="y")
     assert set(other) == {0} and sum(seen) == 7  # another tower or split: a new cache
+
+
+def test_a_hard_linked_copy_of_a_cache_leaves_its_original_alone(tmp_path, examples):
+    """`cp -al` of a build directory shares the cache's files: a rebuild in the copy (here another fingerprint, as
+    another data root gives) replaces them there and changes nothing in the original."""
+    import os
+
+    _, _, proc = tiny_bridge()
+    build_feature_cache(examples[:2], _encoder(), proc, tmp_path / "cache", fingerprint="x")
+    (tmp_path / "copy").mkdir()
+    for f in ("meta.json", "features.safetensors"):
+        os.link(tmp_path / "cache" / f, tmp_path / "copy" / f)
+    before = {f: (tmp_path / "cache" / f).read_bytes() for f in ("meta.json", "features.safetensors")}
+    build_feature_cache(examples, _encoder(), proc, tmp_path / "copy", fingerprint="y")
+    assert {f: (tmp_path / "cache" / f).read_bytes() for f in before} == before
+    assert build_feature_cache(examples[:2], lambda _: 1 / 0, proc, tmp_path / "cache", fingerprint="x")

@@ -299,9 +299,13 @@ def build_feature_cache(
             feats[str(e.image_id)] = row.to(torch.float16).contiguous()
     skipped += [j for j in missing if str(j) not in feats]
     out.mkdir(parents=True, exist_ok=True)
+    # Both files are replaced, never rewritten in place: a cache directory copied with hard links (`cp -al` of
+    # a build) must not change its original, and an interrupted write must not leave half a file.
     tmp = weights.with_suffix(".tmp")
     save_file(feats, tmp)
     os.replace(tmp, weights)
-    meta_file.write_text(json.dumps({"fingerprint": fingerprint, "images": len(feats), "skipped": len(skipped),
-                                     "skipped_ids": sorted(skipped)}))
+    tmp = meta_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "images": len(feats), "skipped": len(skipped),
+                               "skipped_ids": sorted(skipped)}))
+    os.replace(tmp, meta_file)
     return {int(k): v for k, v in feats.items()}
