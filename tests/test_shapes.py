@@ -239,6 +239,31 @@ def test_rendered_shape_fills_its_box_exactly(shape, box):
     assert ImageChops.difference(image, background).getbbox() == box
 
 
+def test_render_on_a_plain_fill_draws_the_same_shapes():
+    scene = _scene(("circle", "red", "large", (10, 10, 60, 60)), ("square", "white", "small", (80, 80, 100, 100)),
+                   w=128, h=128)
+    on_white = render(scene, (255, 255, 255))
+    assert on_white.getpixel((2, 2)) == (255, 255, 255) and on_white.getpixel((35, 35)) == shapes.COLOURS["red"]
+    from PIL import ImageChops
+    world = render(scene)  # the shapes' pixels are the world's, only the background differs
+    assert ImageChops.difference(world, on_white).crop((20, 20, 50, 50)).getbbox() is None
+
+
+def test_random_fill_leaves_every_object_visible():
+    rng = random.Random(0)
+    fills = []
+    for i in range(200):
+        scene = make_scene(3, "train", i)
+        fill = shapes.random_fill(scene, rng)
+        assert shapes.visible_on(scene, fill)
+        fills.append(fill)
+    greys = [f for f in fills if f[0] == f[1] == f[2]]
+    assert 0.3 < len(greys) / len(fills) < 0.7  # half greys of any lightness, half any colour
+    assert min(f[0] for f in greys) < 60 and max(f[0] for f in greys) > 200
+    white_circle = _scene(("circle", "white", "large", (10, 10, 60, 60)), w=128, h=128)
+    assert not shapes.visible_on(white_circle, (255, 255, 255)) and shapes.visible_on(white_circle, (0, 0, 0))
+
+
 def test_cli_writes_dataset_and_has_help(tmp_path, capsys):
     out = tmp_path / "cli"
     assert shapes.main(["shapes", "--out", str(out), "--n", "20", "--seed", "1", "--size", "256x192",

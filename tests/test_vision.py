@@ -7,7 +7,8 @@ import torch
 from qformer.bridge import feature_tokens, load_vision_encoder, vision_hidden_size
 from training.demo.shapes import COLOURS, SHAPES, SIZES, Obj, Scene
 from training.demo.vision import (
-    ATTRIBUTES, TINY, _corners, dense_targets, gate_failures, pretrain_tower, probe_saved, tokens_of,
+    ATTRIBUTES, TINY, _corners, dense_targets, gate_failures, image_processor, pretrain_tower, probe_saved,
+    tokens_of, tune_plain_backgrounds,
 )
 
 
@@ -73,3 +74,30 @@ def test_linear_probe_reads_an_encoded_attribute_and_not_a_missing_one():
     assert (lin(x[400:]).argmax(-1) == colour[400:]).float().mean() > 0.95
     lin = _fit_linear(x[:400], shape[:400], F.cross_entropy, 7)
     assert (lin(x[400:]).argmax(-1) == shape[400:]).float().mean() < 0.3
+
+
+def test_plain_background_tuning_moves_plain_fills_towards_grey_and_keeps_batch_norm(tmp_path):
+    from dataclasses import replace
+    from random import Random
+
+    from training.demo.shapes import make_scene, random_fill, render
+
+    tower = pretrain_tower(None, 20, image_size=64, lr=3e-3, probe_scenes=(0, 0), progress=False, **TINY)["model"]
+    processor = image_processor(64)
+    scenes = [make_scene(0, "val", i, width=64, height=64) for i in range(16)]
+    rng = Random(0)
+    plain = processor(images=[render(s, random_fill(s, rng)) for s in scenes], return_tensors="pt").pixel_values
+    grey = processor(images=[render(replace(s, background="grey")) for s in scenes], return_tensors="pt").pixel_values
+
+    def gap() -> float:
+        with torch.no_grad():
+            return (tokens_of(tower.eval(), plain) - tokens_of(tower.eval(), grey)).square().mean().item()
+
+    stats = [b.clone() for name, b in tower.named_buffers() if "running" in name]
+    before = gap()
+    m = tune_plain_backgrounds(tower, processor, 30, batch_size=8, lr=3e-3, progress=False)
+    assert gap() < 0.5 * before
+    assert 0 < m["plain_loss"] and 0 <= m["world_loss"] < m["plain_loss"] * 10
+    after = [b for name, b in tower.named_buffers() if "running" in name]
+    assert all(torch.equal(a, b) for a, b in zip(stats, after))  # eval mode: batch norm's statistics stay
+    assert not any(p.requires_grad for p in tower.parameters())

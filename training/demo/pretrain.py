@@ -605,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--image-size", type=int, default=160)
+    p.add_argument("--plain-steps", type=int, default=600,
+                   help="then steps teaching it plain backgrounds (training.demo.vision.tune_plain_backgrounds)")
     p.add_argument("--tiny", action="store_true", help="a tiny model, for smoke runs")
     args = parser.parse_args(argv)
 
@@ -625,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
 
         sizes = dict(TINY, batch_size=args.batch_size) if args.tiny else {"batch_size": args.batch_size}
         metrics = pretrain_tower(args.out, args.steps, image_size=args.image_size, seed=args.seed, lr=args.lr,
-                                 progress=not args.quiet, **sizes)
+                                 plain_steps=args.plain_steps, progress=not args.quiet, **sizes)
         print(_report(metrics))
     return 0
 

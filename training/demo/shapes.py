@@ -291,13 +291,46 @@ def _background(name: str, width: int, height: int, texture_seed: int) -> Image.
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
 
 
-def render(scene: Scene) -> Image.Image:
-    """Draw ``scene`` (RGB). Each shape fills its box exactly; later objects are drawn on top."""
-    image = _background(scene.background, scene.width, scene.height, texture_seed=scene.id)
+def render(scene: Scene, fill: tuple[int, int, int] | None = None) -> Image.Image:
+    """Draw ``scene`` (RGB). Each shape fills its box exactly; later objects are drawn on top. ``fill``: paint
+    the shapes on that plain colour instead of the scene's background (the world never draws one; the vision
+    tower learns to read them as on grey, and `training.demo.backgrounds` measures the bridge on them)."""
+    if fill is None:
+        image = _background(scene.background, scene.width, scene.height, texture_seed=scene.id)
+    else:
+        image = Image.new("RGB", (scene.width, scene.height), tuple(fill))
     for obj in scene.objects:
         x1, y1, x2, y2 = obj.box
         image.paste(COLOURS[obj.colour], (x1, y1), _shape_mask(obj.shape, x2 - x1, y2 - y1))
     return image
+
+
+# A plain fill hides an object whose colour is this close to it (largest channel difference).
+MIN_CONTRAST = 80
+
+
+def visible_on(scene: Scene, fill: tuple[int, int, int]) -> bool:
+    """Every object of ``scene`` stands out from a plain ``fill``."""
+    return all(max(abs(a - b) for a, b in zip(COLOURS[o.colour], fill)) >= MIN_CONTRAST for o in scene.objects)
+
+
+def random_fill(scene: Scene, rng: Random, tries: int = 50) -> tuple[int, int, int]:
+    """A plain fill every object of ``scene`` stands out from: a third of the time paper white or black (what
+    people draw on; within 20 of them), a third a grey of any lightness, a third any colour; grey 128 (the
+    world's own) when ``tries`` draws find none."""
+    for _ in range(tries):
+        kind = rng.random()
+        if kind < 1 / 3:
+            v = rng.choice((rng.randint(235, 255), rng.randint(0, 20)))
+            fill = (v, v, v)
+        elif kind < 2 / 3:
+            v = rng.randint(0, 255)
+            fill = (v, v, v)
+        else:
+            fill = (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255))
+        if visible_on(scene, fill):
+            return fill
+    return (128, 128, 128)
 
 
 def encode_png(image: Image.Image) -> bytes:
