@@ -51,6 +51,40 @@ def write_variant(data: Path, split: str, scenes: list[Scene], fill, out: Path) 
     return kept
 
 
+def score_backgrounds(bundle, data: str | Path, split: str = "test", n: int = 300, work: str | Path = "build/backgrounds",
+                      fills: list[str] | None = None, progress: bool = False) -> dict:
+    """The first `n` scenes of `split` repainted on each of `fills` (default all of :data:`FILLS`) under `work`,
+    and `bundle`'s figures on each (its top caption level): fill name -> scenes kept, VQA accuracy, caption
+    precision / recall, mAP@0.5, an example caption."""
+    from training.evaluate import evaluate_bundle
+
+    data = Path(data)
+    scenes = sorted((Scene.from_dict(s) for s in json.loads((data / f"scenes_{split}.json").read_text())["scenes"]),
+                    key=lambda s: s.id)[:n]
+    rows = {}
+    for name in fills or list(FILLS):
+        out = Path(work) / name.replace(" ", "-")
+        shutil.rmtree(out, ignore_errors=True)
+        kept = write_variant(data, split, scenes, FILLS[name], out)
+        r = evaluate_bundle(bundle, out, split, levels=["best"] if bundle.config.num_quality_levels else None,
+                            progress=progress)
+        top = list(r["captions"].values())[-1]
+        rows[name] = {"scenes": len(kept), "vqa": r["vqa"].get("accuracy"), "caption_precision": top.get("precision"),
+                      "caption_recall": top.get("recall"), "map50": r["detection"].get("map50"),
+                      "example": next(iter(top["examples"].values()), "")}
+    return rows
+
+
+def markdown(rows: dict) -> list[str]:
+    """A report table of :func:`score_backgrounds`."""
+    lines = ["| background | scenes | VQA | caption precision / recall | mAP@0.5 |", "|---|---:|---:|---:|---:|"]
+    for name, f in rows.items():
+        label = "as the world draws it" if FILLS.get(name) is None else f"{name} {FILLS[name]}"
+        lines.append(f"| {label} | {f['scenes']} | {f['vqa']:.3f} | {f['caption_precision']:.3f} / "
+                     f"{f['caption_recall']:.3f} | {f['map50']:.3f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.demo.backgrounds", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -64,30 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from qformer.bundle import load_bundle
-    from training.evaluate import evaluate_bundle
 
     fills = [f.strip() for f in args.fills.split(",") if f.strip()]
     unknown = [f for f in fills if f not in FILLS]
     if unknown:
         p.error(f"unknown fills {unknown}; known: {', '.join(FILLS)}")
-    data = Path(args.data)
-    scenes = sorted((Scene.from_dict(s) for s in json.loads((data / f"scenes_{args.split}.json").read_text())["scenes"]),
-                    key=lambda s: s.id)[: args.n]
-    bundle = load_bundle(args.model)
-    rows = {}
-    for name in fills:
-        out = Path(args.work) / name.replace(" ", "-")
-        shutil.rmtree(out, ignore_errors=True)
-        kept = write_variant(data, args.split, scenes, FILLS[name], out)
-        r = evaluate_bundle(bundle, out, args.split, levels=["best"] if bundle.config.num_quality_levels else None,
-                            progress=False)
-        top = list(r["captions"].values())[-1]
-        rows[name] = {"scenes": len(kept), "vqa": r["vqa"].get("accuracy"), "caption_precision": top.get("precision"),
-                      "caption_recall": top.get("recall"), "map50": r["detection"].get("map50"),
-                      "example": next(iter(top["examples"].values()), "")}
-        f = rows[name]
-        print(f"{name:<11} scenes {f['scenes']:>4}  VQA {f['vqa']:.3f}  caption P/R {f['caption_precision']:.3f} / "
-              f"{f['caption_recall']:.3f}  mAP@0.5 {f['map50']:.3f}  e.g. {f['example']!r}", flush=True)
+    rows = score_backgrounds(load_bundle(args.model), args.data, args.split, args.n, args.work, fills, progress=True)
+    print("\n".join(markdown(rows)))
+    for name, f in rows.items():
+        print(f"{name}: {f['example']!r}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

@@ -116,6 +116,7 @@ class Plan:
     ablation_steps: int = 300  # then each variant, captions only
     task_steps: int = 300  # prompt tuning of the demo's new task (training/demo/new_task.py)
     eval_n: int | None = None  # all test images
+    backgrounds_n: int = 300  # test scenes repainted on each plain fill (training.demo.backgrounds)
     gate_n: int = 200  # val scenes of the LLM's oracle gate
     probe_scenes: tuple = (1500, 500)  # (train scenes fit, val scenes scored) of the vision tower's probes
     seed: int = 0
@@ -125,9 +126,9 @@ class Plan:
 
 
 QUICK = Plan(n_train=64, n_test=8, n_heldout=4, image_size=64, data_size=64, llm_cycles=(10, 4),
-             vision_steps=10, vision_plain_steps=4, stage1_cycles=(6, 4), stage2_cycles=((8, 8, 2e-3), (4, 0, 2e-3), (4, 0, 5e-4)),
-             ablation_context_steps=3, ablation_steps=4, task_steps=4, eval_n=8, gate_n=4, probe_scenes=(16, 8),
-             quick=True)
+             vision_steps=10, vision_plain_steps=4, stage1_cycles=(6, 4),
+             stage2_cycles=((8, 8, 2e-3), (4, 0, 2e-3), (4, 0, 5e-4)), ablation_context_steps=3, ablation_steps=4,
+             task_steps=4, eval_n=8, backgrounds_n=4, gate_n=4, probe_scenes=(16, 8), quick=True)
 DEMO_TASK = "largest-colour"  # the task prompt the build trains into the demo bundle
 # Stage 1's gate: val image->text R@1 before its alignment scores become quality levels.
 STAGE1_GATE = 0.80
@@ -343,12 +344,14 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
 
     def evaluate():
         from qformer.bundle import load_bundle
+        from training.demo.backgrounds import score_backgrounds
         from training.demo.written import written_context
 
         bundle = load_bundle(bundle_dir)
         results = {"test": evaluate_bundle(bundle, data, "test", plan.eval_n, progress=progress),
                    "heldout": evaluate_bundle(bundle, data, "heldout", plan.eval_n, progress=progress),
-                   "written": written_context(bundle, data, "test", plan.eval_n, progress=progress)}
+                   "written": written_context(bundle, data, "test", plan.eval_n, progress=progress),
+                   "backgrounds": score_backgrounds(bundle, data, "test", plan.backgrounds_n, out / "backgrounds")}
         report_json.write_text(json.dumps(results, indent=2))  # keeps the level order
 
     steps.run("evaluation", report_json, evaluate)
@@ -453,6 +456,7 @@ def write_report(out: Path, plan: Plan) -> None:
              "reproduce with `qbridge eval --model qformer/demo/bundle --data DATA --split test`.", "",
              "## Test split", "", report_markdown(results["test"]), "",
              "## Held-out colour-shape split", "", report_markdown(results["heldout"]), "",
+             *backgrounds_markdown(results.get("backgrounds")),
              *quality_markdown(quality_summary),
              "## Noise robustness (captioning only, same noisy data, three ways)", "",
              f"From one run of stage 2's context phase ({plan.ablation_context_steps} steps, no caption seen), "
@@ -518,6 +522,19 @@ def write_report(out: Path, plan: Plan) -> None:
     (out / "report_all.json").write_text(json.dumps({"eval": results, "ablation": ablation, "frozen": frozen,
                                                      "gates": gates, "quality": quality, "timings": timings},
                                                     indent=2))
+
+
+def backgrounds_markdown(rows: dict | None) -> list[str]:
+    """Report lines for :func:`training.demo.backgrounds.score_backgrounds` (none for a report without them)."""
+    if not rows:
+        return []
+    from training.demo.backgrounds import markdown
+
+    n = max(r["scenes"] for r in rows.values())
+    return ["## Plain backgrounds", "",
+            f"The world draws seven mid-tone backgrounds; people draw on white. The first {n} test scenes repainted "
+            "on plain fills (same shapes, boxes and questions; a scene with an object of nearly the fill's colour "
+            "is left out), top caption level (`python -m training.demo.backgrounds`):", "", *markdown(rows), ""]
 
 
 def written_markdown(w: dict) -> list[str]:

@@ -42,7 +42,13 @@ from training.demo.shapes import COLOURS, SHAPES, SIZES, Scene, make_scene, rand
 
 ATTRIBUTES = {"shape": tuple(SHAPES), "colour": tuple(COLOURS), "size": tuple(SIZES)}
 # What the gate asks of a frozen tower before anything is trained on it (issue 9).
-GATE = {"shape": 0.95, "colour": 0.95, "size": 0.95, "centre_recall": 0.95, "centre_precision": 0.95}
+GATE = {"shape": 0.95, "colour": 0.95, "size": 0.95, "centre_recall": 0.95, "centre_precision": 0.95,
+        # The same val scenes on plain fills, read by the same probes (fit on the world's backgrounds). Ours: a
+        # tower that never saw a plain fill reads shape 0.51, colour 0.69, size 0.66, centres 0.63 / 0.47 there
+        # and the bridge on it collapses on white (VQA 0.01); after tune_plain_backgrounds 0.92 / 0.94 / 0.98 /
+        # 0.93 / 0.91 (VQA on white 0.88). Set to catch the first, not to grade the second.
+        "shape_plain": 0.85, "colour_plain": 0.85, "size_plain": 0.85, "centre_recall_plain": 0.85,
+        "centre_precision_plain": 0.85}
 
 
 # A smoke-run tower (`qbridge demo build --quick`).
@@ -369,7 +375,11 @@ def probe_saved(model_dir: str | Path, seed: int = 0, scenes: tuple[int, int] = 
 
 def gate_failures(figures: dict[str, float], gate: dict[str, float] = GATE) -> list[str]:
     """The gate's missed figures, as readable lines (empty: the tower passes)."""
-    return [f"{k} {figures.get(k, float('nan')):.3f} < {v}" for k, v in gate.items() if not figures.get(k, 0) >= v]
+    def shown(value: float, target: float) -> str:  # enough digits that a miss never reads as equal
+        return f"{value:.3f}" if f"{value:.3f}" != f"{target:.3f}" else f"{value:.4f}"
+
+    return [f"{k} {shown(figures.get(k, float('nan')), v)} < {v}" for k, v in gate.items()
+            if not figures.get(k, 0) >= v]
 
 
 def main(argv: list[str] | None = None) -> int:
