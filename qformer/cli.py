@@ -87,13 +87,16 @@ def caption_main(argv: list[str] | None = None) -> int:
             p.error(f"no model: pass --model BUNDLE or set QBRIDGE_MODEL (no demo bundle at {DEMO_BUNDLE})")
         args.model = str(DEMO_BUNDLE)
 
+    try:
+        with Image.open(args.image) as im:
+            image = ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, Image.DecompressionBombError) as exc:  # missing, unreadable or not an image
+        p.error(f"cannot read {args.image}: {exc}")
     bundle = load_bundle(args.model)
     cfg = bundle.config
     quality = None
     if cfg.num_quality_levels:
         quality = [cfg.quality_level(args.quality) if args.quality is not None else cfg.num_quality_levels - 1]
-    with Image.open(args.image) as im:
-        image = ImageOps.exif_transpose(im).convert("RGB")
     pixels = bundle.image_processor(images=[image], return_tensors="pt").pixel_values
     feats = bundle.bridge.encode_images(pixels)
     prompt = cfg.prompts.caption_prompt() if args.prompt is None else args.prompt

@@ -111,6 +111,12 @@ def test_cli_caption_and_help(saved, tmp_path):
     listing = subprocess.run([sys.executable, "-m", "qformer.cli", "--help"], capture_output=True, text=True, timeout=300)
     for name in ("caption", "convert", "export-hf"):
         assert name in listing.stdout
+    for bad in (tmp_path / "missing.png", tmp_path / "notes.txt"):  # a clear error, not a traceback
+        if bad.suffix == ".txt":
+            bad.write_text("not an image")
+        out = subprocess.run([sys.executable, "-m", "qformer.cli", "caption", "--model", str(path), str(bad)],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and f"cannot read {bad}" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_prompts_round_trip_through_qbridge_json_and_bad_templates_are_refused():

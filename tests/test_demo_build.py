@@ -106,7 +106,7 @@ def test_help_lists_the_steps(capsys):
     assert "--only" in out and "vision gate" in out and "--ignore-gates" in out
 
 
-def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
+def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     assert main(["build", "--out", str(out), "--quick"]) == 0  # tiny parts: gates reported, not enforced
     assert set(json.loads((out / "timings.json").read_text())) == set(STEP_NAMES)
@@ -118,6 +118,12 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     written = json.loads((out / "report.json").read_text())["written"]  # the bridge's context read back
     assert written["n_scenes"] == 8 and 0.0 <= written["accuracy"] <= 1.0
     assert "## What the bridge writes" in report and f"| all ({written['tokens']}) |" in report
+    backgrounds = json.loads((out / "report.json").read_text())["backgrounds"]  # the bundle on plain fills
+    assert set(backgrounds) == {"world", "white", "light grey", "mid grey", "dark grey", "black"}
+    assert "## Plain backgrounds" in report and "| white (255, 255, 255) |" in report
+    tower = json.loads((out / "vision" / "pretrain.json").read_text())["metrics"]["plain_backgrounds"]
+    assert tower["steps"] == 4  # the tower learned plain fills after pretraining
+    assert "| vision | shape_plain |" in report
     quality = json.loads((out / "report_all.json").read_text())["quality"]  # the levels stage 2 trained on
     assert quality["binning"] == "uniform" and "## Quality levels" in report and "as NoC" in report
     pairs = sum(sum(noise.values()) for noise in quality["noise_by_level"].values())
@@ -172,6 +178,18 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path):
     assert main(["build", "--out", str(again), "--quick", "--only", "evaluation"]) == 0  # writes the report
     report = (again / "REPORT.md").read_text()
     assert "not measured by this build" in report and "(llm gate, vision gate) are copied" in report
+    # install replaces the bundle, the report and the golden figures, and leaves the rest of the directory
+    import training.demo.build as build
+
+    monkeypatch.setattr(build, "write_golden", lambda bundle, target: {"measured": {}})
+    target = tmp_path / "demo-dir"
+    (target / "examples").mkdir(parents=True)
+    (target / "examples" / "x.png").write_bytes(b"png")
+    (target / "bundle").mkdir()
+    (target / "bundle" / "stale.json").write_text("{}")
+    build.install(again, target)
+    assert (target / "examples" / "x.png").read_bytes() == b"png" and (target / "REPORT.md").is_file()
+    assert (target / "bundle" / "qbridge.json").is_file() and not (target / "bundle" / "stale.json").exists()
 
 
 def test_unpack_refuses_a_bundle_without_a_stage1_copy(tmp_path):

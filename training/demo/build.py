@@ -609,9 +609,9 @@ def install(out: Path, target: Path = DEMO_DIR) -> None:
     size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()) / 2**20
     if size > MAX_BUNDLE_MB:
         raise SystemExit(f"bundle is {size:.1f} MB, over the {MAX_BUNDLE_MB} MB the repository takes")
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
+    target.mkdir(parents=True, exist_ok=True)
+    if (target / "bundle").exists():  # only what install writes: the directory also holds examples/
+        shutil.rmtree(target / "bundle")
     shutil.copytree(bundle, target / "bundle")
     for name in ("REPORT.md", "report_all.json"):
         shutil.copy(out / name, target / name)
