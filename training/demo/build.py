@@ -481,7 +481,7 @@ def write_report(out: Path, plan: Plan) -> None:
                  f"are copied from `{restored['from']}`, measured on the same parts." if restored else ""), "",
               "| gate | figure | value | target | passed |", "|---|---|---:|---:|---|"]
     from training.demo.oracle import GATE as LLM_GATE
-    from training.demo.vision import GATE as VISION_GATE
+    from training.demo.vision import GATE as VISION_GATE, figure_text
 
     targets = {"llm": LLM_GATE, "vision": VISION_GATE, "stage1": {"i2t_r1": STAGE1_GATE}}
     for g, entry in gates.items():
@@ -489,7 +489,7 @@ def write_report(out: Path, plan: Plan) -> None:
         for k, v in figures.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 t = targets[g].get(k)
-                lines.append(f"| {g} | {k} | {v:.3f} | {'' if t is None else t} | "
+                lines.append(f"| {g} | {k} | {figure_text(v, t)} | {'' if t is None else t} | "
                              f"{'' if t is None else ('yes' if v >= t else '**no**')} |")
     llm = frozen["llm"]
     lines += ["", "LLM: per-token loss on clean val documents read after their own scene description and after "

@@ -375,11 +375,15 @@ def probe_saved(model_dir: str | Path, seed: int = 0, scenes: tuple[int, int] = 
 
 def gate_failures(figures: dict[str, float], gate: dict[str, float] = GATE) -> list[str]:
     """The gate's missed figures, as readable lines (empty: the tower passes)."""
-    def shown(value: float, target: float) -> str:  # enough digits that a miss never reads as equal
-        return f"{value:.3f}" if f"{value:.3f}" != f"{target:.3f}" else f"{value:.4f}"
-
-    return [f"{k} {shown(figures.get(k, float('nan')), v)} < {v}" for k, v in gate.items()
+    return [f"{k} {figure_text(figures.get(k, float('nan')), v)} < {v}" for k, v in gate.items()
             if not figures.get(k, 0) >= v]
+
+
+def figure_text(value: float, target: float | None = None) -> str:
+    """A gate figure to three places, or four where three would read as equal to its target (0.9498, not 0.950)."""
+    if target is None or f"{value:.3f}" != f"{target:.3f}":
+        return f"{value:.3f}"
+    return f"{value:.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:
