@@ -104,8 +104,10 @@ def test_the_readmes_example_is_captioned_right():
     cfg = bundle.config
     pixels = bundle.image_processor(images=[Image.open(EXAMPLE).convert("RGB")], return_tensors="pt").pixel_values
     with torch.no_grad():
-        text = generate(bundle.bridge, bundle.tokenizer, bundle.bridge.encode_images(pixels),
-                        [cfg.prompts.caption_prompt()], [cfg.num_quality_levels - 1], GenerationConfig(max_new_tokens=60))[0].text
+        (out,) = generate(bundle.bridge, bundle.tokenizer, bundle.bridge.encode_images(pixels),
+                          [cfg.prompts.caption_prompt()], [cfg.num_quality_levels - 1],
+                          GenerationConfig(max_new_tokens=60))
+    text = out.text
     scene = Scene(0, 224, 224, "grey", (Obj("circle", "red", "large", (28, 35, 98, 105)),  # top left
                                         Obj("square", "blue", "large", (130, 128, 190, 188))))  # bottom right
     assert caption_precision_recall(text, scene) == (1.0, 1.0), text

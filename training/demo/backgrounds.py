@@ -51,8 +51,9 @@ def write_variant(data: Path, split: str, scenes: list[Scene], fill, out: Path) 
     return kept
 
 
-def score_backgrounds(bundle, data: str | Path, split: str = "test", n: int = 300, work: str | Path = "build/backgrounds",
-                      fills: list[str] | None = None, progress: bool = False) -> dict:
+def score_backgrounds(bundle, data: str | Path, split: str = "test", n: int = 300,
+                      work: str | Path = "build/backgrounds", fills: list[str] | None = None,
+                      progress: bool = False) -> dict:
     """The first `n` scenes of `split` repainted on each of `fills` (default all of :data:`FILLS`) under `work`,
     and `bundle`'s figures on each (its top caption level): fill name -> scenes kept, VQA accuracy, caption
     precision / recall, mAP@0.5, an example caption."""

@@ -230,8 +230,9 @@ def tune_plain_backgrounds(tower, processor, steps: int, *, seed: int = 0, batch
     Every step draws fresh scenes; the tower sees each twice: as the world draws it (target: the teacher's
     tokens of the same image, so what stage 1 and stage 2 read does not move) and painted on a random plain
     fill :func:`random_fill` (target: the teacher's tokens of the scene on grey 128). Loss: mean squared error
-    over the teacher's variance, the world's term weighted ``world_weight``. Batch norm keeps its statistics (the tower runs in eval mode): only weights
-    move, and the world's images keep their features to the extent the loss holds them.
+    over the teacher's variance, the world's term weighted ``world_weight``. Batch norm keeps its statistics
+    (the tower runs in eval mode): only weights move, and the world's images keep their features to the extent
+    the loss holds them.
     """
     import copy
 
@@ -241,7 +242,7 @@ def tune_plain_backgrounds(tower, processor, steps: int, *, seed: int = 0, batch
     tower.eval().requires_grad_(True)
     opt = adamw(tower, lr, 0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_schedule(s, steps, max(1, steps // 20), 0.02))
-    losses, world_losses, plain_losses = [], [], []
+    world_losses, plain_losses = [], []
     bar = tqdm(range(steps), desc="vision: plain backgrounds", unit="step", disable=not progress)
     for step in bar:
         first = TUNE_OFFSET + step * batch_size
@@ -258,7 +259,7 @@ def tune_plain_backgrounds(tower, processor, steps: int, *, seed: int = 0, batch
         out = tokens_of(tower, torch.cat([pixels[:n], pixels[2 * n:]]))
         world_loss = F.mse_loss(out[:n], target[:n]) / scale
         plain_loss = F.mse_loss(out[n:], target[n:]) / scale
-        losses.append(optimizer_step(tower, world_weight * world_loss + plain_loss, opt, sched))
+        optimizer_step(tower, world_weight * world_loss + plain_loss, opt, sched)
         world_losses.append(world_loss.item())
         plain_losses.append(plain_loss.item())
         if step % 10 == 0 or step == steps - 1:
@@ -268,8 +269,7 @@ def tune_plain_backgrounds(tower, processor, steps: int, *, seed: int = 0, batch
     tower.eval().requires_grad_(False)
     tail = lambda v: sum(v[-20:]) / len(v[-20:])  # noqa: E731
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "world_weight": world_weight,
-            "world_loss": tail(world_losses),
-            "plain_loss": tail(plain_losses)}
+            "world_loss": tail(world_losses), "plain_loss": tail(plain_losses)}
 
 
 # ----------------------------------------------------------------------------- the gate
