@@ -169,6 +169,12 @@ def finish(tokenizer, ids: list[int], logprobs: list[float], config: GenerationC
 # row; the 4-D mask passed to the model shows each query exactly those, so rows of different lengths,
 # joined at different steps, share one forward. Newcomers are prefilled together, left-padded, into the
 # columns just before `t`; when `t` reaches `max_len` the rows are shifted left by the oldest start.
+#
+# A row may start from a `Prefix`: the keys and values of its first positions, computed once
+# (`Decoder.prefill_prefix`) and kept by the caller, e.g. a cached image's `[quality][queries]` that every
+# question about it begins with. Its prefill then runs only the positions after the prefix; the prefix's
+# keys are pinned into its columns at every layer, after the forward's own writes (a shorter row's padding
+# queries fall on those columns).
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -176,9 +182,9 @@ class _SlotLayer(CacheLayerMixin):
 
     is_compileable = False
 
-    def __init__(self, cache: "SlotCache"):
+    def __init__(self, cache: "SlotCache", index: int):
         super().__init__()
-        self.cache = cache
+        self.cache, self.index = cache, index
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         rows, length = self.cache.max_rows, self.cache.max_len
@@ -193,6 +199,9 @@ class _SlotLayer(CacheLayerMixin):
         keys, values = self.keys[c.rows], self.values[c.rows]  # views of the rows this forward runs
         keys[:, :, c.columns] = key_states
         values[:, :, c.columns] = value_states
+        for row, columns, prefix in c.pins:
+            keys[row, :, columns] = prefix.keys[self.index]
+            values[row, :, columns] = prefix.values[self.index]
         return keys[:, :, c.window], values[:, :, c.window]
 
     def move(self, src: slice, dst: slice, rows: slice) -> None:
@@ -217,12 +226,14 @@ class _SlotLayer(CacheLayerMixin):
 
 class SlotCache(Cache):
     """The decoder's static KV cache. Before each forward the decoder sets which rows run (`rows`), the
-    columns the new keys go to (`columns`) and the columns attention reads (`window`)."""
+    columns the new keys go to (`columns`), the columns attention reads (`window`) and the prefixes written
+    over the new keys (`pins`: (row of `rows`, columns, Prefix))."""
 
     def __init__(self, num_layers: int, max_rows: int, max_len: int):
         self.max_rows, self.max_len = max_rows, max_len
         self.rows = self.columns = self.window = slice(0, 0)
-        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+        self.pins: list[tuple[int, slice, Prefix]] = []
+        super().__init__(layers=[_SlotLayer(self, i) for i in range(num_layers)])
 
     def move_columns(self, src: slice, dst: slice, rows: slice) -> None:
         for layer in self.layers:
@@ -231,6 +242,22 @@ class SlotCache(Cache):
     def copy_row(self, src: int, dst: int, columns: slice) -> None:
         for layer in self.layers:
             layer.copy_row(src, dst, columns)
+
+
+@dataclass(frozen=True, eq=False)
+class Prefix:
+    """The keys and values of a row's first `length` positions: per layer (kv_heads, length, head_dim)."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement() for t in (*self.keys, *self.values))
 
 
 @dataclass(eq=False)
@@ -279,16 +306,22 @@ class Decoder:
         return config.strategy != "beam" and prompt_len + config.max_new_tokens <= self.max_len
 
     @torch.no_grad()
-    def add(self, embeds: list[torch.Tensor], seqs: list[Sequence]) -> list[Sequence]:
+    def add(self, embeds: list[torch.Tensor], seqs: list[Sequence],
+            prefixes: list[Prefix | None] | None = None) -> list[Sequence]:
         """Prefill prompt rows `embeds` (each (L_i, D)) for `seqs`, choose their first tokens; return those
-        already finished (they take no row)."""
+        already finished (they take no row). A row with a prefix (`prefixes[i]`) gives only the positions
+        after it in `embeds[i]`."""
+        prefixes = prefixes or [None] * len(seqs)
         if len(seqs) > self.free_rows:
             raise ValueError(f"{len(seqs)} new rows, {self.free_rows} free")
-        for e, s in zip(embeds, seqs):
-            if not self.fits(e.shape[0], s.config):
-                raise ValueError(f"{e.shape[0]} prompt positions + {s.config.max_new_tokens} new tokens do not "
+        lengths = [e.shape[0] + (p.length if p is not None else 0) for e, p in zip(embeds, prefixes)]
+        for e, length, s in zip(embeds, lengths, seqs):
+            if e.shape[0] == 0:
+                raise ValueError("a row needs at least one position after its prefix")
+            if not self.fits(length, s.config):
+                raise ValueError(f"{length} prompt positions + {s.config.max_new_tokens} new tokens do not "
                                  f"fit a cache of {self.max_len} (or beam search)")
-        width = max(e.shape[0] for e in embeds)
+        width = max(lengths)  # the columns before t the new rows take
         n, m = len(self.running), len(seqs)
         if n == 0:
             self.t = width
@@ -298,19 +331,29 @@ class Decoder:
             for s in self.running:
                 s.start += shift
             self.t = width
-        lo = self.t - width
-        x = torch.zeros(m, width, embeds[0].shape[-1], device=self.device, dtype=self.dtype)
+        computed = max(e.shape[0] for e in embeds)  # the columns the forward runs
+        x = torch.zeros(m, computed, embeds[0].shape[-1], device=self.device, dtype=self.dtype)
         starts = []
-        for i, (e, s) in enumerate(zip(embeds, seqs)):
-            x[i, width - e.shape[0]:] = e.to(self.dtype)
-            s.start, s.row = self.t - e.shape[0], n + i
+        for i, (e, length, p, s) in enumerate(zip(embeds, lengths, prefixes, seqs)):
+            x[i, computed - e.shape[0]:] = e.to(self.dtype)
+            s.start, s.row = self.t - length, n + i
             starts.append(s.start)
-        columns = torch.arange(lo, self.t, device=self.device)
-        start = torch.tensor(starts, device=self.device)
-        logits = self._forward(x, slice(n, n + m), slice(lo, self.t), slice(lo, self.t), columns, start)
+            if p is not None:
+                self.cache.pins.append((i, slice(s.start, s.start + p.length), p))
+        try:
+            logits = self._forward(x, slice(n, n + m), slice(self.t - computed, self.t), self.t - width, starts)
+        finally:
+            self.cache.pins.clear()
         self.running.extend(seqs)
         self._choose(seqs, logits)
         return self._retire()
+
+    @torch.no_grad()
+    def prefill_prefix(self, embeds: torch.Tensor) -> Prefix:
+        """The keys and values of the positions `embeds` (P, D), for rows that begin with them (`add`)."""
+        cache = SlotCache(len(self.cache.layers), 1, embeds.shape[0])
+        self._forward(embeds[None].to(self.dtype), slice(0, 1), slice(0, embeds.shape[0]), 0, [0], cache)
+        return Prefix(tuple(layer.keys[0] for layer in cache.layers), tuple(layer.values[0] for layer in cache.layers))
 
     @torch.no_grad()
     def step(self) -> list[Sequence]:
@@ -324,12 +367,10 @@ class Decoder:
                 s.start -= lo
             self.t -= lo
         n = len(self.running)
-        last = torch.tensor([s.ids[-1] for s in self.running], device=self.device)
-        x = self.embed(last[:, None]).to(self.dtype)  # (n, 1, D)
-        start = torch.tensor([s.start for s in self.running], device=self.device)
-        lo = min(s.start for s in self.running)
-        columns = torch.tensor([self.t], device=self.device)
-        logits = self._forward(x, slice(0, n), slice(self.t, self.t + 1), slice(lo, self.t + 1), columns, start)
+        last = torch.tensor([[s.ids[-1]] for s in self.running], device=self.device)
+        x = self.embed(last).to(self.dtype)  # (n, 1, D)
+        starts = [s.start for s in self.running]
+        logits = self._forward(x, slice(0, n), slice(self.t, self.t + 1), min(starts), starts)
         self.t += 1
         self._choose(self.running, logits)
         return self._retire()
@@ -341,22 +382,31 @@ class Decoder:
         seq.done = True
         self._retire()
 
-    def _forward(self, x, rows: slice, query_cols: slice, window: slice, columns, start) -> torch.Tensor:
-        """Run the LLM on `x` (m, q, D) for cache `rows`, the queries at `query_cols`; last logits (m, V) fp32."""
-        q = torch.arange(query_cols.start, query_cols.stop, device=self.device)  # (q,) query columns
-        k = torch.arange(window.start, window.stop, device=self.device)  # (w,) key columns
+    def _forward(self, x, rows: slice, columns: slice, lo: int, starts: list[int],
+                 cache: SlotCache | None = None) -> torch.Tensor:
+        """Run the LLM on `x` (m, q, D) for `rows` of `cache` (the decoder's own by default), the queries at
+        `columns`, reading the keys from column `lo` on; `starts[i]` is row i's first column. Returns the last
+        position's logits (m, V) fp32."""
+        cache = self.cache if cache is None else cache
+        cache.rows, cache.columns, cache.window = rows, columns, slice(lo, columns.stop)
+        start = torch.tensor(starts, device=self.device)
+        q = torch.arange(columns.start, columns.stop, device=self.device)  # (q,) query columns
+        positions = (q[None, :] - start[:, None]).clamp(min=0)  # (m, q)
+        if self.fast is not None and len(q) == 1 and max(starts) == lo:
+            # One new token per row, every row starting at `lo`: each query sees the whole window, no mask
+            # (batch 1 always; and rows that joined together).
+            return self.fast(x, None, positions, cache)
+        k = torch.arange(lo, columns.stop, device=self.device)  # (w,) key columns
         # A query sees its own row's positions up to itself; a padding query sees only itself (never a
         # fully masked row, whose NaN would reach the next layer's keys).
         seen = (k[None, None, :] >= start[:, None, None]) & (k[None, None, :] <= q[None, :, None])
         seen |= k[None, None, :] == q[None, :, None]
-        positions = (q[None, :] - start[:, None]).clamp(min=0)  # (m, q)
-        self.cache.rows, self.cache.columns, self.cache.window = rows, columns, window
         if self.fast is not None:
-            return self.fast(x, seen[:, None], positions, self.cache)
+            return self.fast(x, seen[:, None], positions, cache)
         mask = torch.zeros(seen.shape, device=self.device, dtype=self.dtype)
         mask.masked_fill_(~seen, torch.finfo(self.dtype).min)
         out = self.llm(inputs_embeds=x, attention_mask=mask[:, None], position_ids=positions,
-                       past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                       past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> None:

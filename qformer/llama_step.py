@@ -76,16 +76,27 @@ class LlamaStep:
         self.lm_head = llm.lm_head
         self.inv_freq = model.rotary_emb.inv_freq
         self.rope_scale = model.rotary_emb.attention_scaling
+        self._cos = self._sin = None  # (positions, head_dim) rotary tables, grown on demand (`_rotary`)
 
-    def __call__(self, x: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """`x` (m, q, D) at `positions` (m, q); `mask` (m, 1, q, w) bool, True where a query sees a key;
-        `cache`: the decoder's SlotCache with its rows, columns and window set. Returns (m, V) fp32 logits."""
+    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (m, 1, q, head_dim) at `positions` (m, q), looked up in tables computed once per length
+        as transformers computes them per call (fp32 angles, `attention_scaling`, then the model's dtype)."""
+        need = int(positions.max()) + 1
+        if self._cos is None or self._cos.shape[0] < need or self._cos.dtype != dtype:
+            n = max(need, 2 * (self._cos.shape[0] if self._cos is not None else 0), 256)
+            freqs = torch.arange(n, device=self.inv_freq.device).float()[:, None] * self.inv_freq.float()
+            angles = torch.cat((freqs, freqs), dim=-1)
+            self._cos = (angles.cos() * self.rope_scale).to(dtype)
+            self._sin = (angles.sin() * self.rope_scale).to(dtype)
+        return self._cos[positions][:, None], self._sin[positions][:, None]
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache) -> torch.Tensor:
+        """`x` (m, q, D) at `positions` (m, q); `mask` (m, 1, q, w) bool, True where a query sees a key, or
+        None when every query sees the whole window; `cache`: the decoder's SlotCache with its rows, columns
+        and window set. Returns (m, V) fp32 logits."""
         m, q, _ = x.shape
-        dtype, heads, kv, hd = x.dtype, self.heads, self.kv_heads, self.head_dim
-        freqs = positions[..., None].float() * self.inv_freq.float()  # (m, q, hd/2)
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (m, 1, q, hd)
-        cos = (angles.cos() * self.rope_scale).to(dtype)
-        sin = (angles.sin() * self.rope_scale).to(dtype)
+        heads, kv, hd = self.heads, self.kv_heads, self.head_dim
+        cos, sin = self._rotary(positions, x.dtype)
         h = x
         for i, (w_in, eps_in, qkv, qkv_bias, wo, w_post, eps_post, gate_up, gate_up_bias, down) in enumerate(self.layers):
             r = _rms_norm(h, w_in, eps_in)
@@ -121,10 +132,8 @@ def _fuse(linears: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm: normalise in fp32, scale in the weight's dtype."""
-    x = h.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(h.dtype)
+    """LlamaRMSNorm: normalise in fp32 (one fused op: the same arithmetic), scale in the weight's dtype."""
+    return weight * F.rms_norm(h.float(), (h.shape[-1],), eps=eps).to(h.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,34 @@ def test_rows_joining_and_leaving_a_running_batch_get_their_solo_tokens(model):
         assert torch.allclose(torch.tensor(s.logprobs), torch.tensor(w.logprobs[: len(s.logprobs)]), atol=1e-4)
 
 
+def test_rows_that_start_from_a_kept_prefix_get_their_solo_tokens(model):
+    """Three questions about one image, `[quality][queries]` computed once: two rows join from the prefix
+    (one with a tail shorter than the forward's, so its padding falls on the prefix's columns) beside a
+    row given whole, while another image's row is running."""
+    bridge, tok, q = model
+    config = GenerationConfig(max_new_tokens=8)
+    same = q[:1].expand(3, *q.shape[1:])
+    quality = [1, 1, 1]
+    solo = decode_from_queries(bridge, tok, same, PROMPTS, quality, config)
+    rows = row_embeddings(prepare_inputs(bridge, tok, same, PROMPTS, quality))
+    prefix_len = bridge.cfg.quality_prompt_len + q.shape[1]
+    decoder = Decoder(bridge, tok, max_rows=4, max_len=128)
+    prefix = decoder.prefill_prefix(rows[0][:prefix_len])
+    assert prefix.length == prefix_len and torch.equal(prefix.keys[0], decoder.prefill_prefix(rows[2][:prefix_len]).keys[0])
+    other = row_embeddings(prepare_inputs(bridge, tok, q[1:2], PROMPTS[:1], [2]))
+    decoder.add(other, [Sequence(config, other[0].shape[0])])
+    decoder.step()
+    seqs = [Sequence(config, r.shape[0]) for r in rows]
+    decoder.add([rows[0][prefix_len:], rows[1], rows[2][prefix_len:]], seqs, [prefix, None, prefix])
+    while decoder.running:
+        decoder.step()
+    for s, w in zip(seqs, solo):
+        assert s.ids == w.token_ids
+        assert torch.allclose(torch.tensor(s.logprobs), torch.tensor(w.logprobs), atol=1e-4)
+    with pytest.raises(ValueError, match="after its prefix"):
+        decoder.add([rows[0][:0]], [Sequence(config, prefix_len)], [prefix])
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(model):
     bridge, tok, q = model
     config = GenerationConfig(max_new_tokens=10, strategy="sample", temperature=1.5, top_p=0.9, top_k=20, seed=5)
