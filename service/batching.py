@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from qformer.generation import Decoder, GenerationConfig, Generated, Sequence, finish, row_generators
+from qformer.generation import Decoder, GenerationConfig, Generated, Prefix, Sequence, finish, row_generators
 from service.errors import Overloaded, ServiceError
 from service.metrics import Metrics
 
@@ -180,12 +180,24 @@ class _Stage:
 
 
 @dataclass
+class PrefixSlot:
+    """Where a cached image keeps the keys and values of the `length` positions its rows begin with
+    ([quality][queries][task vectors]): `store[key]`, filled on the model thread by the first request that
+    needs it (a continuous backend's `Decoder.prefill_prefix`), read by every later one."""
+
+    store: dict
+    key: Hashable
+    length: int
+
+
+@dataclass
 class _Rows:
     queries: torch.Tensor  # (n, Q, D)
     prompts: list[str]
     quality: list[int] | None
     config: GenerationConfig
     lengths: list[int]  # prompt positions per row (quality + queries + text)
+    prefix: PrefixSlot | None = None  # rows about a cached image: their shared prefix, kept with the image
 
 
 # --- continuous batching ---------------------------------------------------------------------------
@@ -199,7 +211,8 @@ class _Request:
     left: int  # rows not finished yet
     joined: int = 0  # rows added to the decoder so far (fewer than all when the free rows were too few)
     seqs: list[Sequence] = field(default_factory=list)  # made on the model thread with the row embeddings
-    embeds: list[torch.Tensor] = field(default_factory=list)
+    embeds: list[torch.Tensor] = field(default_factory=list)  # what `Decoder.add` takes (after the prefix, if any)
+    prefix: Prefix | None = None
     started: float = 0.0  # perf_counter at its first prefill
 
 
@@ -337,17 +350,14 @@ class _ContinuousStage:
             decoder.remove(s)
         finished: list[Sequence] = []
         if joins:
-            embeds, seqs = [], []
+            embeds, seqs, prefixes = [], [], []
             for r, first, k in joins:
                 if not r.seqs:
-                    p = r.item.payload
-                    r.embeds = self.backend.prompt_rows(p.queries, p.prompts, p.quality)
-                    gens = row_generators(p.config, len(p.prompts), p.queries.device)
-                    r.seqs = [Sequence(p.config, e.shape[0], g, owner=r) for e, g in zip(r.embeds, gens)]
-                    r.started = time.perf_counter()
+                    self._prepare(r)
                 embeds += r.embeds[first : first + k]
                 seqs += r.seqs[first : first + k]
-            finished += decoder.add(embeds, seqs)
+                prefixes += [r.prefix] * k
+            finished += decoder.add(embeds, seqs, prefixes)
         stepped = len(decoder.running)
         done = self._answered(finished)
         for _ in range(self.steps_per_call):  # until a request is answered or the scheduler is wanted
@@ -355,6 +365,22 @@ class _ContinuousStage:
             if done or self._wake.is_set() or not decoder.running:
                 break
         return done, sum(k for _, _, k in joins), stepped
+
+    def _prepare(self, r: _Request) -> None:
+        """Model thread: a request's row embeddings and sequences; rows about a cached image start from its
+        kept prefix (computed now if this is the first such request)."""
+        p = r.item.payload
+        rows = self.backend.prompt_rows(p.queries, p.prompts, p.quality)
+        gens = row_generators(p.config, len(p.prompts), p.queries.device)
+        r.seqs = [Sequence(p.config, e.shape[0], g, owner=r) for e, g in zip(rows, gens)]
+        r.embeds = rows
+        if p.prefix is not None:
+            slot = p.prefix
+            r.prefix = slot.store.get(slot.key)
+            if r.prefix is None:
+                r.prefix = slot.store[slot.key] = self.decoder.prefill_prefix(rows[0][: slot.length])
+            r.embeds = [e[slot.length:] for e in rows]
+        r.started = time.perf_counter()
 
     def _answered(self, finished: list[Sequence]) -> list[tuple[_Request, list[Generated], float]]:
         done = []

@@ -8,7 +8,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,9 @@ class CachedImage:
     # (N, Dv) frozen vision features, on the model's device: what /v1/classify, /v1/match and /v1/embeddings
     # start from (qformer.alignment). Kept only when the bundle can align (service.engine.Engine.can_align).
     features: torch.Tensor | None = None
+    # Keys and values of the LLM positions its rows begin with, by (quality, task): kept by the first request
+    # that needs them (service.batching.PrefixSlot) and counted in `nbytes` by `ImageCache.account`.
+    prefixes: dict = field(default_factory=dict)
 
 
 class ImageCache:
@@ -59,7 +62,7 @@ class ImageCache:
 
     def put(self, queries: torch.Tensor, width: int, height: int,
             features: torch.Tensor | None = None) -> CachedImage:
-        nbytes = sum(t.element_size() * t.nelement() for t in (queries, features) if t is not None)
+        nbytes = _tensor_bytes(queries, features)
         if nbytes > self.max_bytes:
             raise BadRequest("the image cache is disabled on this server (image_cache_mb is too small)",
                              code="image_cache_disabled")
@@ -72,6 +75,18 @@ class ImageCache:
             self._remove(next(iter(self._entries)), evicted=True)
         self._update_gauges()
         return entry
+
+    def account(self, entry: CachedImage) -> None:
+        """Count what `entry` has kept since it was cached (its prefixes); evict the least recently used
+        entries if that takes the cache over its bytes."""
+        nbytes = _tensor_bytes(entry.queries, entry.features) + sum(p.nbytes for p in list(entry.prefixes.values()))
+        if self._entries.get(entry.image_id) is not entry or nbytes == entry.nbytes:
+            return
+        self.nbytes += nbytes - entry.nbytes
+        entry.nbytes = nbytes
+        while self.nbytes > self.max_bytes and len(self._entries) > 1:
+            self._remove(next(iter(self._entries)), evicted=True)
+        self._update_gauges()
 
     def delete(self, image_id: str) -> bool:
         if image_id not in self._entries:
@@ -89,3 +104,7 @@ class ImageCache:
     def _update_gauges(self) -> None:
         self.metrics.cache_bytes.set(self.nbytes)
         self.metrics.cache_entries.set(len(self._entries))
+
+
+def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.element_size() * t.nelement() for t in tensors if t is not None)

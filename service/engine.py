@@ -22,6 +22,9 @@ Model work runs on one worker thread, one batch at a time (torch: encode, align 
 turns), so the event loop stays free for health checks and request parsing. How a stage forms its batches,
 and how generation is scheduled per iteration with a backend that decodes token by token, is told in
 `service.batching`. An image encoded once (`encode_image`) stays in the cache; later jobs name its `image_id`.
+With a backend that decodes token by token, the keys and values of the LLM positions every row about a cached
+image begins with ([quality][queries][task vectors]) are computed by the first such job and kept with the image
+(`CachedImage.prefixes`, counted in the cache's bytes), so later questions prefill only their own text.
 
 Alignment batches group items with equal keys: ("classify", labels, templates, ensemble) and ("match", texts,
 (), "") — one image per item, the text side computed once for the whole batch — and ("embed_text", (), (), "")
@@ -50,7 +53,7 @@ from PIL import Image
 from qformer import alignment
 from qformer.generation import GenerationConfig, Generated
 from qformer.tasks import with_task
-from service.batching import _ContinuousStage, _Item, _Rows, _Stage
+from service.batching import PrefixSlot, _ContinuousStage, _Item, _Rows, _Stage
 from service.cache import CachedImage, ImageCache
 from service.errors import BadRequest, DeadlineExceeded, InternalError, NotFound, Overloaded, ServiceError
 from service.metrics import Metrics
@@ -383,7 +386,7 @@ class Engine:
         if job.task is not None and job.task not in self.tasks:
             raise BadRequest(f"unknown task {job.task!r}; GET /v1/models lists this model's tasks",
                              code="unknown_task", param="task")
-        size = None
+        size = entry = None
         if job.image_id is not None:
             entry = self.cache.get(job.image_id)
             if entry is None:
@@ -401,10 +404,16 @@ class Engine:
         rows = _Rows(queries.unsqueeze(0).expand(n, *queries.shape), list(job.prompts),
                      [job.quality] * n if job.quality is not None else None, job.config,
                      self.row_lengths(job.prompts, job.quality, job.task))
+        if entry is not None and isinstance(self._generator, _ContinuousStage):
+            # Every question about a cached image begins with the same [quality][queries][task] positions:
+            # their keys and values are computed once and kept with the image.
+            rows.prefix = PrefixSlot(entry.prefixes, (job.quality, job.task), self.prefix_length(job.quality, job.task))
         # Seeded sampling runs alone: one seed per batch is what makes it reproducible. Rows of one batch
         # share a prefix length: the task (its vectors' count) is part of the key.
         key: Hashable = (job.config, job.quality is not None, job.task) if job.config.seed is None else object()
         outputs, seconds = await self._submit(self._generator, ticket, key, n, rows)
+        if entry is not None:
+            self.cache.account(entry)  # a prefix kept with it counts towards the cache's bytes
         ticket.timings.generate_ms = seconds * 1000
         t = ticket.timings
         t.finish(ticket.admitted)
@@ -522,11 +531,15 @@ class Engine:
             self.metrics.rejected.labels("cancelled").inc()
             raise
 
-    def row_lengths(self, prompts: list[str], quality: int | None, task: str | None = None) -> list[int]:
-        """LLM input positions per prompt row: quality prompt + queries + task vectors + text tokens."""
+    def prefix_length(self, quality: int | None, task: str | None = None) -> int:
+        """LLM input positions before a row's text: quality prompt + queries + task vectors."""
         cfg = self.bridge.cfg
         prefix = cfg.qformer.num_query_tokens + (cfg.quality_prompt_len if quality is not None else 0)
-        prefix += self.tasks[task].num_vectors if task is not None else 0
+        return prefix + (self.tasks[task].num_vectors if task is not None else 0)
+
+    def row_lengths(self, prompts: list[str], quality: int | None, task: str | None = None) -> list[int]:
+        """LLM input positions per prompt row: the prefix + text tokens."""
+        prefix = self.prefix_length(quality, task)
         return [prefix + len(ids) for ids in self.tokenizer(prompts).input_ids]
 
     def prompt_tokens(self, prompts: list[str], quality: int | None) -> int:

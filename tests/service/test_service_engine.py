@@ -276,6 +276,49 @@ def test_torch_backend_batch_equals_single_rows(bundle):
     run(main())
 
 
+def test_questions_about_a_cached_image_start_from_its_kept_prefix(bundle):
+    """The [quality][queries] positions of a cached image are prefilled once per quality and kept with it;
+    every answer equals the one the same question gets with the image uploaded."""
+
+    async def main():
+        engine = make_engine(bundle, max_batch_size=4)
+        await engine.start()
+        image = scene_image(seed=3)
+        asks = [("question: what colour is the circle? answer:", None), ("question: how many? answer:", None),
+                ("caption:", 2), ("caption:", None)]
+        uploaded = [(await ask(engine, p, image=image, quality=q)).outputs[0] for p, q in asks]
+        async with engine.admit() as ticket:
+            entry = await engine.encode_image(ticket, image, image.size)
+        decoder = engine._generator.decoder
+        computed = []
+        plain = decoder.prefill_prefix
+        decoder.prefill_prefix = lambda embeds: computed.append(embeds.shape[0]) or plain(embeds)
+        before = engine.cache.nbytes
+        for (p, q), want in zip(asks, uploaded):
+            got = (await ask(engine, p, image_id=entry.image_id, quality=q)).outputs[0]
+            assert got.token_ids == want.token_ids and got.text == want.text
+        assert computed == [engine.prefix_length(None), engine.prefix_length(2)]  # once per quality
+        assert set(entry.prefixes) == {(None, None), (2, None)}
+        kept = sum(p.nbytes for p in entry.prefixes.values())
+        assert kept > 0 and engine.cache.nbytes == entry.nbytes == before + kept
+        await engine.close()
+
+    run(main())
+
+
+def test_bytes_an_entry_keeps_later_count_and_evict_older_entries():
+    from qformer.generation import Prefix
+
+    cache = ImageCache(max_bytes=3 * 960, ttl_s=60, metrics=Metrics())
+    q = torch.zeros(5, 48)
+    ids = [cache.put(q, 10, 10).image_id for _ in range(3)]
+    entry = cache.get(ids[2])
+    entry.prefixes["k"] = Prefix((torch.zeros(2, 5, 12),), (torch.zeros(2, 5, 12),))  # 960 bytes
+    cache.account(entry)
+    assert entry.nbytes == 1920 and cache.nbytes == 2880 and len(cache) == 2  # the oldest entry went
+    assert cache.get(ids[0]) is None and cache.get(ids[1]) is not None
+
+
 def test_image_cache_is_a_byte_bounded_lru_with_ttl():
     now = [1000.0]
     metrics = Metrics()
