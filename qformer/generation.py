@@ -277,6 +277,8 @@ class Sequence:
 
 class Decoder:
     """Greedy and sampled decoding over a `SlotCache`; sequences join (`add`) and leave between steps.
+    Its methods run in inference mode (cheaper per op than no_grad): its cache and `Prefix`es are inference
+    tensors, changed only through the decoder.
 
     A Llama LLM runs through `LlamaStep` (its forward written out over the same weights; `plain=True`, or
     another architecture, runs transformers' forward). Not thread-safe: one thread (the engine's model
@@ -305,7 +307,7 @@ class Decoder:
     def fits(self, prompt_len: int, config: GenerationConfig) -> bool:
         return config.strategy != "beam" and prompt_len + config.max_new_tokens <= self.max_len
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def add(self, embeds: list[torch.Tensor], seqs: list[Sequence],
             prefixes: list[Prefix | None] | None = None) -> list[Sequence]:
         """Prefill prompt rows `embeds` (each (L_i, D)) for `seqs`, choose their first tokens; return those
@@ -348,14 +350,14 @@ class Decoder:
         self._choose(seqs, logits)
         return self._retire()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill_prefix(self, embeds: torch.Tensor) -> Prefix:
         """The keys and values of the positions `embeds` (P, D), for rows that begin with them (`add`)."""
         cache = SlotCache(len(self.cache.layers), 1, embeds.shape[0])
         self._forward(embeds[None].to(self.dtype), slice(0, 1), slice(0, embeds.shape[0]), 0, [0], cache)
         return Prefix(tuple(layer.keys[0] for layer in cache.layers), tuple(layer.values[0] for layer in cache.layers))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """One token for every running sequence; return the sequences that finished (and left)."""
         if not self.running:
@@ -375,6 +377,7 @@ class Decoder:
         self._choose(self.running, logits)
         return self._retire()
 
+    @torch.inference_mode()
     def remove(self, seq: Sequence) -> None:
         """Take a running sequence out (cancelled); its row is refilled by the last one."""
         if seq.row < 0:

@@ -80,14 +80,17 @@ class LlamaStep:
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (m, 1, q, head_dim) at `positions` (m, q), looked up in tables computed once per length
-        as transformers computes them per call (fp32 angles, `attention_scaling`, then the model's dtype)."""
+        as transformers computes them per call (fp32 angles, `attention_scaling`, then the model's dtype);
+        sin's first half negated (`_rope`)."""
         need = int(positions.max()) + 1
         if self._cos is None or self._cos.shape[0] < need or self._cos.dtype != dtype:
             n = max(need, 2 * (self._cos.shape[0] if self._cos is not None else 0), 256)
             freqs = torch.arange(n, device=self.inv_freq.device).float()[:, None] * self.inv_freq.float()
             angles = torch.cat((freqs, freqs), dim=-1)
             self._cos = (angles.cos() * self.rope_scale).to(dtype)
-            self._sin = (angles.sin() * self.rope_scale).to(dtype)
+            sin = (angles.sin() * self.rope_scale).to(dtype)
+            half = sin.shape[-1] // 2
+            self._sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # rotate_half's sign, moved here
         return self._cos[positions][:, None], self._sin[positions][:, None]
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache) -> torch.Tensor:
@@ -136,7 +139,7 @@ def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * F.rms_norm(h.float(), (h.shape[-1],), eps=eps).to(h.dtype)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' `x * cos + rotate_half(x) * sin`, with rotate_half's minus in `signed_sin`'s first half:
+    the same products, in fewer ops."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
