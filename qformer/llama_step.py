@@ -135,8 +135,10 @@ def _fuse(linears: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm: normalise in fp32 (one fused op: the same arithmetic), scale in the weight's dtype."""
-    return weight * F.rms_norm(h.float(), (h.shape[-1],), eps=eps).to(h.dtype)
+    """LlamaRMSNorm: normalise in fp32, scale in the weight's dtype."""
+    x = h.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(h.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
