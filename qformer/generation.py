@@ -288,7 +288,7 @@ class Decoder:
     def __init__(self, bridge: Bridge, tokenizer: PreTrainedTokenizerBase, max_rows: int, max_len: int,
                  plain: bool = False):
         self.llm = bridge.llm
-        self.fast = None if plain or unsupported(self.llm) else LlamaStep(self.llm)
+        self.fast = None if plain or unsupported(self.llm) else LlamaStep(self.llm, max_positions=max_len)
         self.embed = self.llm.get_input_embeddings()
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id

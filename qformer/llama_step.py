@@ -58,7 +58,8 @@ class LlamaStep:
     model's own forward still works on them).
     """
 
-    def __init__(self, llm):
+    def __init__(self, llm, max_positions: int = 256):
+        """`max_positions`: positions 0 .. max_positions - 1 can be run (the rotary tables' length)."""
         reason = unsupported(llm)
         if reason:
             raise ValueError(f"LlamaStep cannot run this model: {reason}")
@@ -74,24 +75,7 @@ class LlamaStep:
         ) for layer in model.layers]
         self.norm, self.norm_eps = model.norm.weight, model.norm.variance_epsilon
         self.lm_head = llm.lm_head
-        self.inv_freq = model.rotary_emb.inv_freq
-        self.rope_scale = model.rotary_emb.attention_scaling
-        self._cos = self._sin = None  # (positions, head_dim) rotary tables, grown on demand (`_rotary`)
-
-    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (m, 1, q, head_dim) at `positions` (m, q), looked up in tables computed once per length
-        as transformers computes them per call (fp32 angles, `attention_scaling`, then the model's dtype);
-        sin's first half negated (`_rope`)."""
-        need = int(positions.max()) + 1
-        if self._cos is None or self._cos.shape[0] < need or self._cos.dtype != dtype:
-            n = max(need, 2 * (self._cos.shape[0] if self._cos is not None else 0), 256)
-            freqs = torch.arange(n, device=self.inv_freq.device).float()[:, None] * self.inv_freq.float()
-            angles = torch.cat((freqs, freqs), dim=-1)
-            self._cos = (angles.cos() * self.rope_scale).to(dtype)
-            sin = (angles.sin() * self.rope_scale).to(dtype)
-            half = sin.shape[-1] // 2
-            self._sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # rotate_half's sign, moved here
-        return self._cos[positions][:, None], self._sin[positions][:, None]
+        self.cos, self.sin = _rotary_tables(model.rotary_emb, max_positions, next(llm.parameters()).dtype)
 
     def __call__(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache) -> torch.Tensor:
         """`x` (m, q, D) at `positions` (m, q); `mask` (m, 1, q, w) bool, True where a query sees a key, or
@@ -99,7 +83,7 @@ class LlamaStep:
         and window set. Returns (m, V) fp32 logits."""
         m, q, _ = x.shape
         heads, kv, hd = self.heads, self.kv_heads, self.head_dim
-        cos, sin = self._rotary(positions, x.dtype)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (m, 1, q, hd)
         h = x
         for i, (w_in, eps_in, qkv, qkv_bias, wo, w_post, eps_post, gate_up, gate_up_bias, down) in enumerate(self.layers):
             r = _rms_norm(h, w_in, eps_in)
@@ -132,6 +116,18 @@ def _fuse(linears: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
             lin.bias.data = bias[row: row + n]
         row += n
     return weight, bias
+
+
+def _rotary_tables(rotary, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (n, head_dim) of positions 0 .. n - 1, as transformers' rotary embedding computes them per
+    call (fp32 angles, `attention_scaling`, then the model's dtype); sin's first half negated (`_rope`)."""
+    inv_freq = rotary.inv_freq.float()
+    freqs = torch.arange(n, device=inv_freq.device).float()[:, None] * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)
+    cos = (angles.cos() * rotary.attention_scaling).to(dtype)
+    sin = (angles.sin() * rotary.attention_scaling).to(dtype)
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # rotate_half's sign, moved here
 
 
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
