@@ -114,7 +114,8 @@ def test_rows_that_start_from_a_kept_prefix_get_their_solo_tokens(model):
     prefix_len = bridge.cfg.quality_prompt_len + q.shape[1]
     decoder = Decoder(bridge, tok, max_rows=4, max_len=128)
     prefix = decoder.prefill_prefix(rows[0][:prefix_len])
-    assert prefix.length == prefix_len and torch.equal(prefix.keys[0], decoder.prefill_prefix(rows[2][:prefix_len]).keys[0])
+    again = decoder.prefill_prefix(rows[2][:prefix_len])  # the same positions under another prompt
+    assert prefix.length == prefix_len and torch.equal(prefix.keys[0], again.keys[0])
     other = row_embeddings(prepare_inputs(bridge, tok, q[1:2], PROMPTS[:1], [2]))
     decoder.add(other, [Sequence(config, other[0].shape[0])])
     decoder.step()
