@@ -228,6 +228,14 @@ class Bridge(nn.Module):
             if k.split(".")[0] in self.TRAINABLE and not k.startswith(("vision.", "llm."))
         }
 
+    def serving_layout(self) -> "Bridge":
+        """Lay a conv tower's weights out channels-last (NHWC), oneDNN's own layout: the same arithmetic up to
+        float rounding (≤ 2e-5 on the demo's features), a quarter less time per image in batches on a CPU
+        (`service.bench`). For serving and benchmarks: bundles are saved from the standard layout."""
+        if getattr(self.vision.config, "hidden_sizes", None):  # a conv net (see vision_hidden_size)
+            self.vision.to(memory_format=torch.channels_last)
+        return self
+
     # Forward pieces. No tokenisation and no losses in here.
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,7 @@ def in_process(model: str, image: bytes, requests: int, max_new_tokens: int, bat
     from qformer.generation import GenerationConfig, decode_from_queries, generate_from_queries
 
     bundle = load_bundle(model)
-    bridge, tokenizer = bundle.bridge, bundle.tokenizer
+    bridge, tokenizer = bundle.bridge.serving_layout(), bundle.tokenizer  # as `qbridge serve` loads it
     cfg = bridge.cfg
     prompt = cfg.prompts.caption_prompt()
     quality = cfg.num_quality_levels - 1 if cfg.num_quality_levels else None  # the caption route's default

@@ -82,7 +82,9 @@ def load_model(settings):
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("--device cuda, but torch sees no CUDA device")
     log.info("loading bundle %s on %s", path, settings.device)
-    return load_bundle(path, device=settings.device, dtype=dtype)
+    bundle = load_bundle(path, device=settings.device, dtype=dtype)
+    bundle.bridge.serving_layout()
+    return bundle
 
 
 def create_backend(settings, bundle, executor: ThreadPoolExecutor):

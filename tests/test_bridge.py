@@ -46,6 +46,16 @@ def test_conv_tower_tokens_carry_their_place():
         position_embedding_2d(2, 2, 30)
 
 
+@pytest.mark.parametrize("vision", ["resnet", "blip2"])
+def test_the_serving_layout_keeps_the_features(vision):
+    bridge, tok, proc = tiny_bridge(vision)
+    before = feats(bridge, proc)
+    bridge.serving_layout()
+    convs = [m.weight for m in bridge.vision.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == (vision == "resnet") for w in convs)
+    torch.testing.assert_close(feats(bridge, proc), before, rtol=1e-4, atol=1e-5)
+
+
 def test_only_trainable_parts_get_gradients():
     bridge, tok, proc = tiny_bridge(num_loc_bins=8, num_quality_levels=3)
     bridge.train()
