@@ -380,7 +380,10 @@ def gate_failures(figures: dict[str, float], gate: dict[str, float] = GATE) -> l
 
 
 def figure_text(value: float, target: float | None = None) -> str:
-    """A gate figure to three places, or four where three would read as equal to its target (0.9498, not 0.950)."""
+    """A gate figure to three places, or four where three would read as equal to its target (0.9498, not 0.950);
+    a count as it is."""
+    if isinstance(value, int):
+        return str(value)
     if target is None or f"{value:.3f}" != f"{target:.3f}":
         return f"{value:.3f}"
     return f"{value:.4f}"
