@@ -123,7 +123,7 @@ class Plan:
     gate_n: int = 200  # val scenes of the LLM's oracle gate
     # (train scenes fit, val scenes scored) of the vision tower's probes. (1500, 500) scored 1274 objects, and
     # the taught tower's centre recall 0.9498 missed 0.95 by one of them, inside the figure's standard error
-    # (0.006); (3000, 1000) scores 2489 (2026-12-07: 0.9514, standard error 0.004; the gate takes 1.8 min)
+    # (0.006); (3000, 1000) scores 2489 (2026-12-07: 0.9514, standard error 0.004; the gate takes 1.7 min)
     probe_scenes: tuple = (3000, 1000)
     seed: int = 0
     noise: float = 0.3
