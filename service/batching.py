@@ -4,7 +4,8 @@ No HTTP here.
 
 A stage forms a batch only when it may run it (it holds a model slot): the head item's key decides the
 batch, items with the same key join it up to `max_batch_size` rows, and a batch that is not full waits at
-most `max_wait_ms` after its head arrived. An item whose request is cancelled or times out before its
+most `max_wait_ms` after its head arrived, and not at all when every request in progress is already waiting
+there (nobody else could join it). An item whose request is cancelled or times out before its
 batch starts is removed and never computed; a batch already running finishes and its result is dropped.
 
 With a backend that decodes token by token (`continuous = True`: torch), generation is scheduled per
@@ -56,6 +57,7 @@ class _Stage:
         max_wait_s: float,
         metrics: Metrics,
         map_error: Callable[[BaseException], ServiceError],
+        in_flight: Callable[[], int] | None = None,
     ):
         self.name = name
         self.run_batch = run_batch
@@ -64,6 +66,9 @@ class _Stage:
         self.max_wait_s = max_wait_s
         self.metrics = metrics
         self.map_error = map_error
+        # The requests in progress in the whole engine: no more of them than wait here means no company can
+        # come, and a batch goes at once instead of waiting `max_wait_s` (a lone client's every request did).
+        self.in_flight = in_flight
         self.items: deque[_Item] = deque()
         self._arrived = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -122,7 +127,8 @@ class _Stage:
             head = self.items[0]
             rows = sum(it.rows for it in self.items if it.key == head.key)
             wait = head.enqueued + self.max_wait_s - loop.time()
-            if rows >= self.max_rows or wait <= 0:
+            alone = self.in_flight is not None and self.in_flight() <= len(self.items)
+            if rows >= self.max_rows or wait <= 0 or alone:
                 break
             self._arrived.clear()
             try:

@@ -65,7 +65,7 @@ MiB = 1024 * 1024
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = 8  # rows per batch; one request may bring several rows (VQA questions)
-    max_wait_ms: float = 5.0  # a lone request waits this long for company; keeps p50 low at low load
+    max_wait_ms: float = 5.0  # a batch waits this long for company, while other requests are in progress
     queue_size: int = 64  # admitted requests (waiting + running)
     timeout_s: float = 30.0  # per-request deadline, queueing included
     image_cache_bytes: int = 256 * MiB
@@ -267,15 +267,17 @@ class Engine:
             gen_slots = asyncio.Semaphore(max(1, int(getattr(self.backend, "max_concurrent_batches", 4))))
         wait_s = self.config.max_wait_ms / 1000
         rows = self.config.max_batch_size
-        self._encoder = _Stage("encode", self._encode_batch, worker, rows, wait_s, self.metrics, self._map_error)
+        in_flight = lambda: self.in_flight  # noqa: E731
+        self._encoder = _Stage("encode", self._encode_batch, worker, rows, wait_s, self.metrics, self._map_error,
+                               in_flight)
         self._aligner = _Stage("align", self._align_batch, worker, rows, wait_s, self.metrics,
-                               self._map_align_error)
+                               self._map_align_error, in_flight)
         if getattr(self.backend, "continuous", False):
             self._generator = _ContinuousStage("generate", self.backend, gen_slots, rows, self.metrics,
                                                self._map_error)
         else:
             self._generator = _Stage("generate", self._generate_batch, gen_slots, rows, wait_s, self.metrics,
-                                     self._map_error)
+                                     self._map_error, in_flight)
         self._idle = asyncio.Event()
         self._idle.set()
         await self.backend.start()

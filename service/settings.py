@@ -49,7 +49,8 @@ class Settings:
     limit_concurrency: int = _opt(0, "uvicorn's cap on open connections, beyond it 503 (0: none)")
     # --- engine: admission, batching, deadlines, draining
     max_batch_size: int = _opt(8, "rows per encode / generate batch")
-    max_wait_ms: float = _opt(5.0, "how long a batch waits for company after its first request")
+    max_wait_ms: float = _opt(5.0, "how long a batch waits for company after its first request (not at all "
+                                   "when no other request is in progress)")
     queue_size: int = _opt(64, "requests admitted at once (waiting + running); beyond it 503 + Retry-After")
     timeout_s: float = _opt(30.0, "per-request deadline, queueing included; past it 504")
     grace_s: float = _opt(30.0, "on SIGTERM, how long in-flight requests may take to finish")

@@ -69,6 +69,27 @@ def test_batches_group_requests_with_the_same_settings(bundle):
     run(main())
 
 
+def test_a_batch_waits_for_company_only_while_others_are_in_progress(bundle):
+    async def main():
+        stub = StubBackend(lambda p: p.upper())
+        engine = make_engine(bundle, stub, max_batch_size=4, max_wait_ms=60_000)
+        await engine.start()
+        image = cached(engine)
+        # alone: nobody else could join its batch, so it does not wait the minute
+        assert (await asyncio.wait_for(ask(engine, "a", image_id=image), 10)).outputs[0].text == "A"
+        # another request in progress (still uploading, say): the batch waits for it and takes it along
+        async with engine.admit() as other:
+            first = asyncio.create_task(ask(engine, "b", image_id=image))
+            await asyncio.sleep(0.3)
+            assert len(stub.calls) == 1 and not first.done()
+            second = await engine.run(other, Job(prompts=["c"], config=GREEDY, image_id=image))
+        assert (await first).outputs[0].text == "B" and second.outputs[0].text == "C"
+        assert [prompts for prompts, _, _ in stub.calls] == [["a"], ["b", "c"]]
+        await engine.close()
+
+    run(main())
+
+
 def test_vqa_rows_share_one_encode_and_batch(bundle):
     async def main():
         stub = StubBackend(lambda p: "ok")
