@@ -57,7 +57,7 @@ class _Stage:
         max_wait_s: float,
         metrics: Metrics,
         map_error: Callable[[BaseException], ServiceError],
-        in_flight: Callable[[], int] | None = None,
+        in_flight: Callable[[], int],
     ):
         self.name = name
         self.run_batch = run_batch
@@ -127,7 +127,7 @@ class _Stage:
             head = self.items[0]
             rows = sum(it.rows for it in self.items if it.key == head.key)
             wait = head.enqueued + self.max_wait_s - loop.time()
-            alone = self.in_flight is not None and self.in_flight() <= len(self.items)
+            alone = self.in_flight() <= len(self.items)
             if rows >= self.max_rows or wait <= 0 or alone:
                 break
             self._arrived.clear()

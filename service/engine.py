@@ -267,7 +267,7 @@ class Engine:
             gen_slots = asyncio.Semaphore(max(1, int(getattr(self.backend, "max_concurrent_batches", 4))))
         wait_s = self.config.max_wait_ms / 1000
         rows = self.config.max_batch_size
-        in_flight = lambda: self.in_flight  # noqa: E731
+        in_flight = self._requests_in_progress
         self._encoder = _Stage("encode", self._encode_batch, worker, rows, wait_s, self.metrics, self._map_error,
                                in_flight)
         self._aligner = _Stage("align", self._align_batch, worker, rows, wait_s, self.metrics,
@@ -349,6 +349,9 @@ class Engine:
         if self._idle is not None:
             self._idle.clear()
         return Ticket(self, self.config.timeout_s if timeout_s is None else timeout_s)
+
+    def _requests_in_progress(self) -> int:
+        return self.in_flight
 
     def _release(self) -> None:
         self.in_flight -= 1
