@@ -7,7 +7,9 @@ With `--model` it measures, one after the other on the same bundle and image: in
 at a time (image processor + vision tower + Q-Former + decoding), with transformers' `generate` and with
 our `Decoder` loop, plus transformers' `generate` on one batch of the largest concurrency; then the server
 (`qbridge serve` on that bundle, started here for each of `--backends`, or `--url`) at each concurrency:
-captions per second, p50 / p99 latency, non-200 answers; and the ratios the serving issue asks about.
+captions per second, p50 / p99 latency, non-200 answers; then, for each server when 1 is among the
+concurrencies, one caption at a time through transformers, our loop and the server in turn (`paired`: the
+rows named `paired: ...`); and the ratios the serving issue asks about, the one-client ones from those rounds.
 Numbers depend on the machine, the model and --max-new-tokens: report them with the command.
 """
 
@@ -22,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,8 @@ class Figures:
                 f"{self.errors:>7}")
 
 
+HF_BATCH_1, OURS_BATCH_1 = "transformers generate, batch 1", "our decode loop, batch 1"
+PAIRED = "paired: "  # the name's prefix of the figures measured in turn (`paired`)
 HEADER = f"{'what':<44} {'captions/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'errors':>7}"
 
 
@@ -70,51 +75,79 @@ def default_image_bytes() -> bytes:
 # --- in process ------------------------------------------------------------------------------------
 
 
-def in_process(model: str, image: bytes, requests: int, max_new_tokens: int, batch: int) -> list[Figures]:
+class InProcess:
+    """The bundle loaded here as `qbridge serve` loads it, captioning the image through transformers'
+    `generate` or our loop (image processor + vision tower + Q-Former + decoding)."""
+
+    def __init__(self, model: str, image: bytes, max_new_tokens: int):
+        from PIL import Image
+
+        from qformer.bundle import load_bundle
+        from qformer.generation import GenerationConfig
+
+        self.bundle = load_bundle(model)
+        self.bridge = self.bundle.bridge.serving_layout()  # as `qbridge serve` loads it
+        cfg = self.bridge.cfg
+        self.prompt = cfg.prompts.caption_prompt()
+        self.quality = cfg.num_quality_levels - 1 if cfg.num_quality_levels else None  # the caption route's default
+        self.config = GenerationConfig(max_new_tokens=max_new_tokens)
+        self.pil = Image.open(io.BytesIO(image)).convert("RGB")
+
+    def caption(self, decode, n: int = 1):
+        import torch
+
+        with torch.no_grad():
+            pixels = self.bundle.image_processor(images=[self.pil] * n, return_tensors="pt").pixel_values
+            queries = self.bridge.project_queries(self.bridge.encode_images(pixels))
+            quality = [self.quality] * n if self.quality is not None else None
+            return decode(self.bridge, self.bundle.tokenizer, queries, [self.prompt] * n, quality, self.config)
+
+
+def in_process(local: InProcess, requests: int, batch: int) -> list[Figures]:
     """transformers' `generate` and our loop, one caption at a time; then transformers on one batch."""
-    import torch
-    from PIL import Image
-
-    from qformer.bundle import load_bundle
-    from qformer.generation import GenerationConfig, decode_from_queries, generate_from_queries
-
-    bundle = load_bundle(model)
-    bridge, tokenizer = bundle.bridge.serving_layout(), bundle.tokenizer  # as `qbridge serve` loads it
-    cfg = bridge.cfg
-    prompt = cfg.prompts.caption_prompt()
-    quality = cfg.num_quality_levels - 1 if cfg.num_quality_levels else None  # the caption route's default
-    config = GenerationConfig(max_new_tokens=max_new_tokens)
-    pil = Image.open(io.BytesIO(image)).convert("RGB")
-
-    @torch.no_grad()
-    def caption(decode, n: int):
-        pixels = bundle.image_processor(images=[pil] * n, return_tensors="pt").pixel_values
-        queries = bridge.project_queries(bridge.encode_images(pixels))
-        return decode(bridge, tokenizer, queries, [prompt] * n, [quality] * n if quality is not None else None,
-                      config)
+    from qformer.generation import decode_from_queries, generate_from_queries
 
     figures = []
-    for name, decode in (("transformers generate, batch 1", generate_from_queries),
-                         ("our decode loop, batch 1", decode_from_queries)):
-        caption(decode, 1)  # warm-up
+    for name, decode in ((HF_BATCH_1, generate_from_queries), (OURS_BATCH_1, decode_from_queries)):
+        local.caption(decode)  # warm-up
         latencies = []
         start = time.perf_counter()
         for _ in range(requests):
             t = time.perf_counter()
-            caption(decode, 1)
+            local.caption(decode)
             latencies.append((time.perf_counter() - t) * 1000)
         figures.append(Figures(name, requests / (time.perf_counter() - start), latencies))
-    caption(generate_from_queries, batch)
+    local.caption(generate_from_queries, batch)
     rounds = max(1, requests // batch)
     latencies = []
     start = time.perf_counter()
     for _ in range(rounds):
         t = time.perf_counter()
-        caption(generate_from_queries, batch)
+        local.caption(generate_from_queries, batch)
         latencies.append((time.perf_counter() - t) * 1000)
     per_s = rounds * batch / (time.perf_counter() - start)
     figures.append(Figures(f"transformers generate, one batch of {batch}", per_s, latencies))
     return figures
+
+
+def paired(local: InProcess, post, requests: int, label: str) -> list[Figures]:
+    """One caption at a time through transformers' `generate`, our loop and the server (`post`: one request),
+    in turn, the order rotating each round: the three latencies of a round are measured within a second of
+    each other, so their ratios do not carry this machine's drift over the minutes between the
+    measurements above. Figures named `paired: ...`; `ratios` takes their round-by-round ratios."""
+    from qformer.generation import decode_from_queries, generate_from_queries
+
+    runs = {HF_BATCH_1: lambda: local.caption(generate_from_queries),
+            OURS_BATCH_1: lambda: local.caption(decode_from_queries),
+            f"server {label}, 1 client": post}
+    latencies: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for i in range(requests):
+        for name in names[i % 3:] + names[: i % 3]:
+            t = time.perf_counter()
+            runs[name]()
+            latencies[name].append((time.perf_counter() - t) * 1000)
+    return [Figures(f"{PAIRED}{name}", 1000 * len(ms) / sum(ms), ms) for name, ms in latencies.items()]
 
 
 # --- a server --------------------------------------------------------------------------------------
@@ -192,14 +225,29 @@ async def run_level(client, url: str, image: bytes, name: str, data: dict, reque
     return time.perf_counter() - start, latencies, failures
 
 
+def request_fields(args, base_url: str) -> tuple[str, dict, dict]:
+    """The endpoint's URL, the form fields and the headers of the bench's requests."""
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    data = {"max_new_tokens": str(args.max_new_tokens)} if args.max_new_tokens else {}
+    if args.endpoint == "vqa":
+        data["question"] = args.question
+    return base_url.rstrip("/") + "/v1/" + args.endpoint, data, headers
+
+
+@contextmanager
+def one_request(args, base_url: str, image: bytes, image_name: str):
+    """A function that sends one request and fails unless it is answered 200 (for `paired`)."""
+    import httpx
+
+    url, data, headers = request_fields(args, base_url)
+    with httpx.Client(headers=headers, timeout=args.timeout) as client:
+        yield lambda: client.post(url, files={"file": (image_name, image)}, data=data).raise_for_status()
+
+
 async def server_levels(args, base_url: str, image: bytes, image_name: str, label: str) -> list[Figures]:
     import httpx
 
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    data = {"max_new_tokens": str(args.max_new_tokens)} if args.max_new_tokens else {}
-    url = base_url.rstrip("/") + "/v1/" + args.endpoint
-    if args.endpoint == "vqa":
-        data["question"] = args.question
+    url, data, headers = request_fields(args, base_url)
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     limits = httpx.Limits(max_connections=max(levels), max_keepalive_connections=max(levels))
     figures = []
@@ -223,9 +271,11 @@ async def server_levels(args, base_url: str, image: bytes, image_name: str, labe
 
 def ratios(figures: list[Figures]) -> list[str]:
     """The serving issue's measures: throughput at the most clients over transformers batch 1, and the
-    one-client latency against transformers and against our loop in process."""
+    one-client latency against transformers and against our loop in process. Where `paired` measured a
+    server, its one-client ratios are the medians of its rounds' ratios, and its transformers figure is the
+    throughput's baseline; else the figures measured one after the other are compared."""
     by_name = {f.name: f for f in figures}
-    hf, ours = by_name.get("transformers generate, batch 1"), by_name.get("our decode loop, batch 1")
+    hf, ours = by_name.get(HF_BATCH_1), by_name.get(OURS_BATCH_1)
     lines = []
     if hf and ours:
         lines.append(f"our loop in process: {ours.per_s / hf.per_s:.2f}x the captions/s of transformers batch 1, "
@@ -240,6 +290,18 @@ def ratios(figures: list[Figures]) -> list[str]:
     for label in dict.fromkeys(f.name.split(",")[0] for f in servers):
         levels = [f for f in servers if f.name.startswith(label + ",")]
         one, most = levels[0], levels[-1]
+        server_1 = by_name.get(PAIRED + one.name)
+        if server_1 is not None:
+            hf_1, ours_1 = by_name[PAIRED + HF_BATCH_1], by_name[PAIRED + OURS_BATCH_1]
+            n = len(server_1.latencies_ms)
+            lines.append(f"{label}: {most.name.split(', ')[1]}: {most.per_s / hf_1.per_s:.2f}x the captions/s of "
+                         f"transformers batch 1 (paired measurement's)")
+            lines.append(f"{label}: 1 client, paired over {n} rounds: p50 {server_1.p50 / hf_1.p50:.2f}x "
+                         f"transformers batch 1 (median of the rounds' ratios {_median_ratio(server_1, hf_1):.2f}x); "
+                         f"p50 {server_1.p50 / ours_1.p50:.2f}x our loop in process: server overhead "
+                         f"{100 * (server_1.p50 / ours_1.p50 - 1):+.0f} % (median of the rounds' ratios "
+                         f"{100 * (_median_ratio(server_1, ours_1) - 1):+.0f} %)")
+            continue
         if hf:
             lines.append(f"{label}: {most.name.split(', ')[1]}: {most.per_s / hf.per_s:.2f}x the captions/s of "
                          f"transformers batch 1; {one.name.split(', ')[1]}: p50 {one.p50 / hf.p50:.2f}x "
@@ -248,6 +310,11 @@ def ratios(figures: list[Figures]) -> list[str]:
             lines.append(f"{label}: {one.name.split(', ')[1]}: p50 {one.p50 / ours.p50:.2f}x our loop in process "
                          f"(server overhead {100 * (one.p50 / ours.p50 - 1):+.0f} %)")
     return lines
+
+
+def _median_ratio(a: Figures, b: Figures) -> float:
+    """The median of a's latencies over b's, round by round (figures from `paired`)."""
+    return statistics.median(x / y for x, y in zip(a.latencies_ms, b.latencies_ms))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,8 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     figures: list[Figures] = []
     print(f"{args.endpoint}, {args.requests} requests per line, max_new_tokens {args.max_new_tokens}")
     print(HEADER)
+    local = None
     if args.model is not None and args.endpoint == "caption":
-        for f in in_process(args.model, image, args.requests, args.max_new_tokens, max(levels)):
+        local = InProcess(args.model, image, args.max_new_tokens)
+        for f in in_process(local, args.requests, max(levels)):
             print(f.row(), flush=True)
             figures.append(f)
     if args.url is not None:
@@ -305,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
             for f in asyncio.run(server_levels(args, url, image, image_name, label)):
                 print(f.row(), flush=True)
                 figures.append(f)
+            if local is not None and 1 in levels:
+                with one_request(args, url, image, image_name) as post:
+                    for f in paired(local, post, args.requests, label):
+                        print(f.row(), flush=True)
+                        figures.append(f)
         finally:
             if proc is not None:
                 stop_server(proc)
