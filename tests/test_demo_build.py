@@ -150,6 +150,13 @@ def test_quick_build_runs_every_step_and_reports_every_gate(tmp_path, monkeypatc
     # stage 2's own Q-Former cross-attends in every layer, from scratch; the copy keeps stage 1's shape
     copy = bundle["alignment_qformer_config"]
     assert bundle["qformer"]["cross_attention_every"] == 1 != copy["cross_attention_every"]
+    ablation = json.loads((out / "ablation.json").read_text())  # each variant once per seed, and their mean
+    for variant in ("a_no_conditioning", "b_filtered", "c_quality_top"):
+        runs = ablation[variant]["runs"]
+        assert [r["seed"] for r in runs] == [0, 1]
+        assert ablation[variant]["precision"] == pytest.approx(sum(r["precision"] for r in runs) / 2)
+        config = json.loads((out / "ablation" / "seed1" / variant / "config.json").read_text())
+        assert config["run"]["seed"] == 1 and config["model"]["init_from"] == str(out / "ablation" / "context")
     # one step again, alone: the rest stays as it was
     before = (out / "report.json").stat().st_mtime_ns
     assert main(["build", "--out", str(out), "--quick", "--only", "vision gate"]) == 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ GOLDEN_MARGIN = 0.02
 RESTORED = "restored.json"
 # A gate's figures file (gates/NAME.json, a report's "gates" key) by the step that writes it.
 GATE_FILES = {"llm gate": "llm", "vision gate": "vision", "stage 1 gate": "stage1"}
+# The ablation's caption figures (training.evaluate.evaluate_captions): each run's, and their mean.
+ABLATION_FIGURES = ("precision", "recall", "cider", "bleu4")
 
 
 @dataclass
@@ -117,6 +120,9 @@ class Plan:
     quality_binning: str = "uniform"
     ablation_context_steps: int = 1500  # the ablation's shared start: stage 2's context phase alone
     ablation_steps: int = 300  # then each variant, captions only
+    # Each variant trains once per seed (plan.seed + i: its batches' draw); the report gives their mean and every
+    # run. One run each (2026-12-07) put filtered first by 0.004 in top-level precision, inside one run's noise
+    ablation_runs: int = 3
     task_steps: int = 300  # prompt tuning of the demo's new task (training/demo/new_task.py)
     eval_n: int | None = None  # all test images
     backgrounds_n: int = 300  # test scenes repainted on each plain fill (training.demo.backgrounds)
@@ -134,7 +140,7 @@ class Plan:
 QUICK = Plan(n_train=64, n_test=8, n_heldout=4, image_size=64, data_size=64, llm_cycles=(10, 4),
              vision_steps=10, vision_plain_steps=4, stage1_cycles=(6, 4),
              stage2_cycles=((8, 8, 2e-3), (4, 0, 2e-3), (4, 0, 5e-4)), ablation_context_steps=3, ablation_steps=4,
-             task_steps=4, eval_n=8, backgrounds_n=4, gate_n=4, probe_scenes=(16, 8), quick=True)
+             ablation_runs=2, task_steps=4, eval_n=8, backgrounds_n=4, gate_n=4, probe_scenes=(16, 8), quick=True)
 DEMO_TASK = "largest-colour"  # the task prompt the build trains into the demo bundle
 # Stage 1's gate: val image->text R@1 before its alignment scores become quality levels.
 STAGE1_GATE = 0.80
@@ -387,7 +393,8 @@ def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path,
     filtered to the top level's, (c) quality-conditioned; all decoded at the top level. The three start
     from one run of stage 2's context phase (the queries learn to write the scene description; no caption is
     seen), as the main stage 2 does, so that the variants differ in their caption data alone. Caption precision,
-    recall and CIDEr on the clean test split.
+    recall and CIDEr on the clean test split. Each variant trains `plan.ablation_runs` times, with seeds
+    plan.seed, plan.seed + 1, ... (the draw of its batches): the figures are their mean, each run's under "runs".
     """
     from qformer.bundle import load_bundle
     from training.evaluate import encode_split_images, evaluate_captions, load_split
@@ -407,19 +414,24 @@ def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path,
             *common, f"model.init_from={out / 'stage1'}", f"run.out_dir={start}",
             f"run.steps={plan.ablation_context_steps}", f"run.context_only_steps={plan.ablation_context_steps}",
             f"optim.lr={plan.stage2_cycles[0][2]}", *plan.overrides]), progress=progress)
-    results, feats = {}, None
-    for name, captions in (("a_no_conditioning", "constant"), ("b_filtered", "filtered"), ("c_quality_top", "quality")):
-        run = out / "ablation" / name
-        if not (run / "bundle" / "qbridge.json").exists():
-            train(load_config(CONFIG_DIR / "demo_stage2.json", [
-                *common, f"model.init_from={start}", f"run.out_dir={run}", f"run.steps={plan.ablation_steps}",
-                f"data.captions=captions_{{split}}_{captions}.json", *plan.overrides]), progress=progress)
-        bundle = load_bundle(run / "bundle")
-        if feats is None:  # one frozen tower for every variant; captions only: no VQA, no retrieval
-            feats = encode_split_images(bundle, data, "test", test.images)
-        (caption,) = evaluate_captions(bundle, feats, test.image_ids, test.caption_anns, [top],
-                                       test.scenes).values()
-        results[name] = {k: caption[k] for k in ("precision", "recall", "cider", "bleu4")}
+    runs, feats = {}, None
+    for seed in range(plan.seed, plan.seed + plan.ablation_runs):
+        for name, captions in (("a_no_conditioning", "constant"), ("b_filtered", "filtered"),
+                               ("c_quality_top", "quality")):
+            run = out / "ablation" / f"seed{seed}" / name
+            if not (run / "bundle" / "qbridge.json").exists():
+                train(load_config(CONFIG_DIR / "demo_stage2.json", [
+                    *common, f"model.init_from={start}", f"run.out_dir={run}", f"run.steps={plan.ablation_steps}",
+                    f"run.seed={seed}", f"data.captions=captions_{{split}}_{captions}.json", *plan.overrides]),
+                    progress=progress)
+            bundle = load_bundle(run / "bundle")
+            if feats is None:  # one frozen tower for every variant; captions only: no VQA, no retrieval
+                feats = encode_split_images(bundle, data, "test", test.images)
+            (caption,) = evaluate_captions(bundle, feats, test.image_ids, test.caption_anns, [top],
+                                           test.scenes).values()
+            runs.setdefault(name, []).append({"seed": seed, **{k: caption[k] for k in ABLATION_FIGURES}})
+    results = {name: {**{k: statistics.mean(r[k] for r in rs) for k in ABLATION_FIGURES}, "runs": rs}
+               for name, rs in runs.items()}
     target.write_text(json.dumps(results, indent=2, sort_keys=True))
 
 
@@ -468,10 +480,13 @@ def write_report(out: Path, plan: Plan) -> None:
              f"From one run of stage 2's context phase ({plan.ablation_context_steps} steps, no caption seen), "
              f"{plan.ablation_steps} caption steps each: (a) every pair at the top level (no conditioning), (b) "
              "the top level's pairs alone (filtered), (c) every pair at its own level (conditioned); all decoded at "
-             "the top level.", "",
-             "| variant | precision | recall | CIDEr | BLEU-4 |", "|---|---|---|---|---|"]
+             "the top level. Each variant trained once per seed (the draw of its batches); the figures are the "
+             "runs' mean.", "",
+             "| variant | precision | each run's precision (seed) | recall | CIDEr | BLEU-4 |", "|---|---|---|---|---|---|"]
     for name, r in ablation.items():
-        lines.append(f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['cider']:.3f} | {r['bleu4']:.3f} |")
+        each = ", ".join(f"{run['precision']:.3f} ({run['seed']})" for run in r.get("runs", []))  # none before
+        lines.append(f"| {name} | {r['precision']:.3f} | {each} | {r['recall']:.3f} | {r['cider']:.3f} | "
+                     f"{r['bleu4']:.3f} |")
     restored = json.loads((out / RESTORED).read_text()) if (out / RESTORED).exists() else None
     if restored and "ablation" in restored["steps"]:
         lines += ["", f"These ablation figures were not measured by this build: they are the earlier build's, copied "
