@@ -210,7 +210,8 @@ def test_bench_measures_transformers_our_loop_and_a_server_in_one_run(bundle_dir
     table = [line for line in lines if line.startswith(("transformers", "our", "server")) and ":" not in line]
     names = [line.split("  ")[0] for line in table]
     assert names == ["transformers generate, batch 1", "our decode loop, batch 1",
-                     "transformers generate, one batch of 2", "server torch, 1 client", "server torch, 2 clients"]
+                     "transformers generate, one batch of 2", "our decode loop, one batch of 2", "server torch, 1 client",
+                     "server torch, 2 clients"]
     servers = [line.split() for line in table if line.startswith("server")]
     assert all(r[-1] == "0" and float(r[4]) > 0 for r in servers)  # no errors, captions/s measured
     assert any(line.startswith("server torch: 2 clients:") and "transformers batch 1" in line for line in lines)
