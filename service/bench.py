@@ -108,28 +108,25 @@ def in_process(local: InProcess, requests: int, batch: int) -> list[Figures]:
     (what a server at that many clients could at best do with the model's arithmetic, without HTTP)."""
     from qformer.generation import decode_from_queries, generate_from_queries
 
-    figures = []
-    for name, decode in ((HF_BATCH_1, generate_from_queries), (OURS_BATCH_1, decode_from_queries)):
-        local.caption(decode)  # warm-up
-        latencies = []
-        start = time.perf_counter()
-        for _ in range(requests):
-            t = time.perf_counter()
-            local.caption(decode)
-            latencies.append((time.perf_counter() - t) * 1000)
-        figures.append(Figures(name, requests / (time.perf_counter() - start), latencies))
     rounds = max(1, requests // batch)
-    for name, decode in (("transformers generate", generate_from_queries), ("our decode loop", decode_from_queries)):
-        local.caption(decode, batch)  # warm-up
-        latencies = []
-        start = time.perf_counter()
-        for _ in range(rounds):
-            t = time.perf_counter()
-            local.caption(decode, batch)
-            latencies.append((time.perf_counter() - t) * 1000)
-        per_s = rounds * batch / (time.perf_counter() - start)
-        figures.append(Figures(f"{name}, one batch of {batch}", per_s, latencies))
-    return figures
+    return [_one_after_another(HF_BATCH_1, lambda: local.caption(generate_from_queries), requests, 1),
+            _one_after_another(OURS_BATCH_1, lambda: local.caption(decode_from_queries), requests, 1),
+            _one_after_another(f"transformers generate, one batch of {batch}",
+                               lambda: local.caption(generate_from_queries, batch), rounds, batch),
+            _one_after_another(f"our decode loop, one batch of {batch}",
+                               lambda: local.caption(decode_from_queries, batch), rounds, batch)]
+
+
+def _one_after_another(name: str, run, rounds: int, captions: int) -> Figures:
+    """`run` (`captions` captions) once to warm up, then `rounds` times, each timed."""
+    run()
+    latencies = []
+    start = time.perf_counter()
+    for _ in range(rounds):
+        t = time.perf_counter()
+        run()
+        latencies.append((time.perf_counter() - t) * 1000)
+    return Figures(name, rounds * captions / (time.perf_counter() - start), latencies)
 
 
 def paired(local: InProcess, post, requests: int, label: str) -> list[Figures]:
