@@ -9,7 +9,7 @@ our `Decoder` loop, then each on one batch of the largest concurrency; then the 
 (`qbridge serve` on that bundle, started here for each of `--backends`, or `--url`) at each concurrency:
 captions per second, p50 / p99 latency, non-200 answers; then, for each server when 1 is among the
 concurrencies, one caption at a time through transformers, our loop and the server in turn (`paired`: the
-rows named `paired: ...`); and the ratios the serving issue asks about, the one-client ones from those rounds.
+rows named `paired with ...`); and the ratios the serving issue asks about, the one-client ones from those rounds.
 Numbers depend on the machine, the model and --max-new-tokens: report them with the command.
 """
 
@@ -55,7 +55,7 @@ class Figures:
 
 
 HF_BATCH_1, OURS_BATCH_1 = "transformers generate, batch 1", "our decode loop, batch 1"
-PAIRED = "paired: "  # the name's prefix of the figures measured in turn (`paired`)
+PAIRED = "paired with {}: "  # the name's prefix of the figures measured in turn with a server (`paired`)
 HEADER = f"{'what':<44} {'captions/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'errors':>7}"
 
 
@@ -133,7 +133,7 @@ def paired(local: InProcess, post, requests: int, label: str) -> list[Figures]:
     """One caption at a time through transformers' `generate`, our loop and the server (`post`: one request),
     in turn, the order rotating each round: the three latencies of a round are measured within a second of
     each other, so their ratios do not carry this machine's drift over the minutes between the
-    measurements above. Figures named `paired: ...`; `ratios` takes their round-by-round ratios."""
+    measurements above. Figures named `paired with LABEL: ...`; `ratios` takes their round-by-round ratios."""
     from qformer.generation import decode_from_queries, generate_from_queries
 
     runs = {HF_BATCH_1: lambda: local.caption(generate_from_queries),
@@ -146,7 +146,7 @@ def paired(local: InProcess, post, requests: int, label: str) -> list[Figures]:
             t = time.perf_counter()
             runs[name]()
             latencies[name].append((time.perf_counter() - t) * 1000)
-    return [Figures(f"{PAIRED}{name}", 1000 * len(ms) / sum(ms), ms) for name, ms in latencies.items()]
+    return [Figures(PAIRED.format(label) + name, 1000 * len(ms) / sum(ms), ms) for name, ms in latencies.items()]
 
 
 # --- a server --------------------------------------------------------------------------------------
@@ -293,9 +293,10 @@ def ratios(figures: list[Figures]) -> list[str]:
         if batched:
             lines.append(f"{label}: {most.name.split(', ')[1]}: {most.per_s / batched.per_s:.2f}x the captions/s of "
                          f"{batched.name} in process")
-        server_1 = by_name.get(PAIRED + one.name)
+        prefix = PAIRED.format(label.removeprefix("server "))
+        server_1 = by_name.get(prefix + one.name)
         if server_1 is not None:
-            hf_1, ours_1 = by_name[PAIRED + HF_BATCH_1], by_name[PAIRED + OURS_BATCH_1]
+            hf_1, ours_1 = by_name[prefix + HF_BATCH_1], by_name[prefix + OURS_BATCH_1]
             n = len(server_1.latencies_ms)
             lines.append(f"{label}: {most.name.split(', ')[1]}: {most.per_s / hf_1.per_s:.2f}x the captions/s of "
                          f"transformers batch 1 (paired measurement's)")

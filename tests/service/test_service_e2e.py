@@ -216,9 +216,9 @@ def test_bench_measures_transformers_our_loop_and_a_server_in_one_run(bundle_dir
     assert all(r[-1] == "0" and float(r[4]) > 0 for r in servers)  # no errors, captions/s measured
     assert any(line.startswith("server torch: 2 clients:") and "transformers batch 1" in line for line in lines)
     # one caption at a time through the three in turn; the one-client ratios come from those rounds
-    paired = [line.split("  ")[0] for line in lines if line.startswith("paired: ")]
-    assert paired == ["paired: transformers generate, batch 1", "paired: our decode loop, batch 1",
-                      "paired: server torch, 1 client"]
+    paired = [line.split("  ")[0] for line in lines if line.startswith("paired with torch: ")]
+    assert paired == ["paired with torch: transformers generate, batch 1", "paired with torch: our decode loop, batch 1",
+                      "paired with torch: server torch, 1 client"]
     assert any(line.startswith("server torch: 1 client, paired over 2 rounds") and "server overhead" in line
                for line in lines)
 
