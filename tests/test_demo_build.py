@@ -205,3 +205,14 @@ def test_unpack_refuses_a_bundle_without_a_stage1_copy(tmp_path):
     (bundle / "qbridge.json").write_text(json.dumps({"config": {"alignment_qformer": False}}))
     with pytest.raises(SystemExit, match="no stage-1 copy"):
         main(["unpack", "--bundle", str(bundle), "--out", str(tmp_path / "out")])
+
+
+def test_the_small_ablation_draws_one_caption_of_each_of_the_first_scenes():
+    from training.demo.build import one_caption_a_scene
+
+    captions = [{"image_id": i, "caption": f"{i}-{k}"} for k in range(3) for i in (5, 2, 9, 7)]
+    drawn = one_caption_a_scene(captions, 3, seed=0)
+    assert [a["image_id"] for a in drawn] == [2, 5, 7]  # the first three scenes by id, one caption each
+    assert all(a in captions for a in drawn) and drawn == one_caption_a_scene(captions, 3, seed=0)
+    first = {one_caption_a_scene(captions, 1, seed=s)[0]["caption"] for s in range(20)}
+    assert first == {"2-0", "2-1", "2-2"}  # the draw varies with the seed

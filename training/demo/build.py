@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import statistics
 import sys
@@ -125,6 +126,11 @@ class Plan:
     # three (seeds 0-2, 2026-12-07, late): filtered 0.875 (0.870-0.879), conditioned 0.857 (0.848-0.866),
     # unconditioned 0.850 (0.836-0.863): filtered first in every seed, conditioned above unconditioned in two
     ablation_runs: int = 3
+    # With N, the ablation draws one caption a scene from the first N training scenes (NoC's regime: a web image
+    # has one caption, so filtering drops images) and writes ablation-scenesN/ and ablation-scenesN.json beside
+    # the main one (`qbridge demo build --only ablation --ablation-scenes N`). 2000 scenes, seed 0 (2026-12-07,
+    # night): filtered 0.861, conditioned 0.845, unconditioned 0.841: filtered first still
+    ablation_scenes: int | None = None
     task_steps: int = 300  # prompt tuning of the demo's new task (training/demo/new_task.py)
     eval_n: int | None = None  # all test images
     backgrounds_n: int = 300  # test scenes repainted on each plain fill (training.demo.backgrounds)
@@ -379,16 +385,17 @@ def build(out: Path, plan: Plan, progress: bool = True, only: str | None = None,
                      steps=plan.task_steps, eval_n=plan.eval_n, description=new_task.DESCRIPTION, progress=progress)
 
     steps.run("task", bundle_dir / "tasks" / f"{DEMO_TASK}.safetensors", prompt_task)
+    name = "ablation" if plan.ablation_scenes is None else f"ablation-scenes{plan.ablation_scenes}"
+    steps.run("ablation", out / f"{name}.json", lambda: ablation(out, plan, paths, cache, out / name, progress),
+              clear=(out / name,))
     ablation_json = out / "ablation.json"
-    steps.run("ablation", ablation_json, lambda: ablation(out, plan, paths, cache, ablation_json, progress),
-              clear=(out / "ablation",))
     if only is None or only in ("evaluation", "task", "ablation"):
         if report_json.exists() and ablation_json.exists():
             write_report(out, plan)
     return bundle_dir
 
 
-def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path, progress: bool) -> None:
+def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, root: Path, progress: bool) -> None:
     """NoC-style noise robustness: the same noisy captions, captioning only, trained three ways.
 
     (a) no quality conditioning (every pair at the top level: a constant prompt carries nothing), (b) pairs
@@ -397,6 +404,8 @@ def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path,
     seen), as the main stage 2 does, so that the variants differ in their caption data alone. Caption precision,
     recall and CIDEr on the clean test split. Each variant trains `plan.ablation_runs` times, with seeds
     plan.seed, plan.seed + 1, ... (the draw of its batches): the figures are their mean, each run's under "runs".
+    The runs go under `root` and the figures into `root`.json; with `plan.ablation_scenes` = N the caption data is
+    one caption a scene (drawn with plan.seed) of the first N training scenes.
     """
     from qformer.bundle import load_bundle
     from training.evaluate import encode_split_images, evaluate_captions, load_split
@@ -406,9 +415,16 @@ def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path,
     test = load_split(data, "test", plan.eval_n)
     full = json.loads((data / "captions_train_quality.json").read_text())
     top = max(a["quality"] for a in full["annotations"])
-    for name, annotations in (("filtered", [a for a in full["annotations"] if a["quality"] == top]),
-                              ("constant", [dict(a, quality=top) for a in full["annotations"]])):
-        (data / f"captions_train_{name}.json").write_text(json.dumps(dict(full, annotations=annotations)))
+    pool, tag = full["annotations"], ""
+    if plan.ablation_scenes is not None:
+        pool, tag = one_caption_a_scene(pool, plan.ablation_scenes, plan.seed), f"_scenes{plan.ablation_scenes}"
+    variants = {"filtered": [a for a in pool if a["quality"] == top], "constant": [dict(a, quality=top) for a in pool]}
+    if tag:
+        variants["quality"] = pool
+    for name, annotations in variants.items():
+        images = {a["image_id"] for a in annotations}
+        (data / f"captions_train_{name}{tag}.json").write_text(json.dumps(dict(
+            full, annotations=annotations, images=[im for im in full["images"] if im["id"] in images])))
     common = [*paths, f"run.feature_cache={cache}", 'data.tasks={"caption": 1.0}', "model.num_loc_bins=0"]
     start = out / "ablation" / "context"
     if not (start / "bundle" / "qbridge.json").exists():
@@ -420,11 +436,11 @@ def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path,
     for seed in range(plan.seed, plan.seed + plan.ablation_runs):
         for name, captions in (("a_no_conditioning", "constant"), ("b_filtered", "filtered"),
                                ("c_quality_top", "quality")):
-            run = out / "ablation" / f"seed{seed}" / name
+            run = root / f"seed{seed}" / name
             if not (run / "bundle" / "qbridge.json").exists():
                 train(load_config(CONFIG_DIR / "demo_stage2.json", [
                     *common, f"model.init_from={start}", f"run.out_dir={run}", f"run.steps={plan.ablation_steps}",
-                    f"run.seed={seed}", f"data.captions=captions_{{split}}_{captions}.json", *plan.overrides]),
+                    f"run.seed={seed}", f"data.captions=captions_{{split}}_{captions}{tag}.json", *plan.overrides]),
                     progress=progress)
             bundle = load_bundle(run / "bundle")
             if feats is None:  # one frozen tower for every variant; captions only: no VQA, no retrieval
@@ -434,7 +450,16 @@ def ablation(out: Path, plan: Plan, paths: list[str], cache: Path, target: Path,
             runs.setdefault(name, []).append({"seed": seed, **{k: caption[k] for k in ABLATION_FIGURES}})
     results = {name: {**{k: statistics.mean(r[k] for r in rs) for k in ABLATION_FIGURES}, "runs": rs}
                for name, rs in runs.items()}
-    target.write_text(json.dumps(results, indent=2, sort_keys=True))
+    root.with_suffix(".json").write_text(json.dumps(results, indent=2, sort_keys=True))
+
+
+def one_caption_a_scene(annotations: list[dict], scenes: int, seed: int) -> list[dict]:
+    """One of each scene's captions, drawn with `seed`, for the first `scenes` scenes by image id."""
+    by_image: dict[int, list[dict]] = {}
+    for a in annotations:
+        by_image.setdefault(a["image_id"], []).append(a)
+    rng = random.Random(seed)
+    return [rng.choice(by_image[i]) for i in sorted(by_image)[:scenes]]
 
 
 def quality_markdown(summary_file: Path) -> list[str]:
@@ -727,6 +752,9 @@ def main(argv: list[str] | None = None) -> int:
                         + ", ".join(STEP_NAMES) + "); later steps are not rerun")
     b.add_argument("--ignore-gates", action="store_true",
                    help="go on when a gate is missed (the figures are still written and reported)")
+    b.add_argument("--ablation-scenes", type=int, default=None, metavar="N",
+                   help="the noise ablation on one caption a scene of the first N training scenes (NoC's regime, "
+                        "where filtering drops images), into ablation-scenesN/ and ablation-scenesN.json")
     b.add_argument("overrides", nargs="*", help="section.field=value applied to both stage configs")
     i = sub.add_parser("install", help="copy a finished build's bundle and report into qformer/demo/ and "
                                        "measure the golden figures")
@@ -747,7 +775,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import dataclasses
 
-    plan = dataclasses.replace(QUICK if args.quick else Plan(), seed=args.seed, overrides=list(args.overrides))
+    plan = dataclasses.replace(QUICK if args.quick else Plan(), seed=args.seed, overrides=list(args.overrides),
+                               ablation_scenes=args.ablation_scenes)
     out = Path(args.out)
     t = time.time()
     try:
