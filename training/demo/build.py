@@ -128,8 +128,8 @@ class Plan:
     ablation_runs: int = 3
     # With N, the ablation draws one caption a scene from the first N training scenes (NoC's regime: a web image
     # has one caption, so filtering drops images) and writes ablation-scenesN/ and ablation-scenesN.json beside
-    # the main one (`qbridge demo build --only ablation --ablation-scenes N`). 2000 scenes, seed 0 (2026-12-07,
-    # night): filtered 0.861, conditioned 0.845, unconditioned 0.841: filtered first still
+    # the main one (`qbridge demo build --only ablation --ablation-scenes N`). 2000 scenes, three seeds (2026-12-07,
+    # night): filtered 0.855, conditioned 0.849 (above unconditioned in every seed), unconditioned 0.835
     ablation_scenes: int | None = None
     task_steps: int = 300  # prompt tuning of the demo's new task (training/demo/new_task.py)
     eval_n: int | None = None  # all test images
